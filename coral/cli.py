@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from coral import demo, loadclient, stream
 from coral.lab import LabError
 from coral.lab import cli as lab_cli
 from coral.netns import CommandError
@@ -14,6 +15,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="coral", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     lab_cli.add_parser(sub)
+    loadclient.add_parser(sub)
+    demo.add_parser(sub)
+    stream.add_parser(sub)
     return parser
 
 

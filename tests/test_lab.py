@@ -203,3 +203,34 @@ def test_leftover_namespaces_without_files_are_found_and_removed() -> None:
     finally:
         remove_lab(name)
     assert lab_resources(name)["namespaces"] == []
+
+
+def test_verifying_client_from_a_client_host_through_the_router(lab: Lab) -> None:
+    mix = ",".join(
+        [f"/static/{n}.bin" for n in content.STATIC_SIZES]
+        + ["/cgi-bin/random?n=5000", "/cgi-bin/slow?ms=20&n=100", "/cgi-bin/echo"]
+    )
+    runs = [
+        lab.start_load(
+            client,
+            f"http://{SERVER_LAN_IPS[server]}:{APACHE_PORT}",
+            *("--requests", "200", "--connections", "4", "--pipeline", pipeline, "--mix", mix),
+        )
+        for client, server, pipeline in (("client1", "primary", "1"), ("client2", "backup", "3"))
+    ]
+    for run in runs:
+        report = run.result(timeout=120)
+        assert report["counts"] == {"ok": 200, "failed": 0, "corrupted": 0}, report["problems"]
+        assert report["resets"] == 0 and report["connection_errors"] == 0
+
+
+def test_demo_command_runs_end_to_end() -> None:
+    out = subprocess.run(
+        [*CORAL, "demo", "--duration", "2", "--connections", "2"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "every reply verified correct" in out.stdout
+    assert not netns.list_namespaces("coral-demo")

@@ -17,6 +17,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -203,6 +204,14 @@ class Lab:
         """Start ARGV on HOST; the caller owns the process and must wait for it."""
         return subprocess.Popen(self.argv(host, argv), **kwargs)
 
+    def start_load(self, host: str, url: str, *args: str) -> LoadRun:
+        """Start the verifying load client (`coral load URL ARGS`) on HOST."""
+        argv = [sys.executable, "-m", "coral", "load", url, *args]
+        proc = subprocess.Popen(
+            self.argv(host, argv), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        return LoadRun(host, proc)
+
     def crash(self, host: str, mode: str) -> None:
         """Fail HOST: kill -9 all its processes, unplug its links, or SIGSTOP them."""
         ns = self.namespace(host)
@@ -282,6 +291,30 @@ class Lab:
                 for e in content.ENDPOINTS
             ],
         }
+
+
+@dataclass
+class LoadRun:
+    """A verifying load client running on a lab host; :meth:`result` waits for its report."""
+
+    host: str
+    proc: subprocess.Popen[str]
+
+    def result(self, timeout: float) -> dict[str, Any]:
+        """The client's JSON report; raise LabError if it did not produce one in TIMEOUT s."""
+        try:
+            out, err = self.proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.communicate()
+            raise LabError(f"load client on {self.host} still running after {timeout} s") from None
+        try:
+            report: dict[str, Any] = json.loads(out)
+        except json.JSONDecodeError:
+            raise LabError(
+                f"load client on {self.host} exited {self.proc.returncode} without a report: {err}"
+            ) from None
+        return report
 
 
 def remove_lab(name: str) -> None:
