@@ -48,6 +48,7 @@ def _bad_server(mode: str) -> tuple[str, int]:
 
     def handle() -> None:
         conn, _ = srv.accept()
+        srv.close()
         with conn:
             _, up, down, seed = stream.HEADER.unpack(stream._recv_exact(conn, stream.HEADER.size))
             stream._recv_exact(conn, up)
