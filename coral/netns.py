@@ -134,11 +134,14 @@ def kill_all(ns: str, grace: float = 3.0) -> None:
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
-def call_in_netns(ns: str, fn: Callable[[], T]) -> T:
+def call_in_netns(ns: str | None, fn: Callable[[], T]) -> T:
     """Run FN on a thread that entered namespace NS; return its result or raise its error.
 
     Sockets FN creates belong to NS and keep working after the thread ends.
+    NS None means the caller's own namespace: FN runs directly.
     """
+    if ns is None:
+        return fn()
     result: list[T] = []
     error: list[BaseException] = []
 

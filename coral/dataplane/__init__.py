@@ -1,0 +1,1 @@
+"""The data plane's control API: services, modes, leases, connections, counters, identity."""
