@@ -115,20 +115,28 @@ def signal_all(ns: str, sig: signal.Signals) -> list[int]:
     return hit
 
 
+def _wait_empty(ns: str, timeout: float) -> list[int]:
+    """Wait up to TIMEOUT s for NS to have no process; return those left."""
+    deadline = time.monotonic() + timeout
+    while (left := pids_in(ns)) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return left
+
+
+def kill_now(ns: str, timeout: float = 3.0) -> None:
+    """SIGKILL every process in NS and return once they are gone (a crash, not a stop)."""
+    signal_all(ns, signal.SIGKILL)
+    left = _wait_empty(ns, timeout)
+    if left:
+        raise CommandError(["kill"], 1, f"processes {left} in {ns} survived SIGKILL")
+
+
 def kill_all(ns: str, grace: float = 3.0) -> None:
     """Stop every process in NS: SIGTERM (and SIGCONT, in case it is frozen), then SIGKILL."""
     signal_all(ns, signal.SIGTERM)
     signal_all(ns, signal.SIGCONT)
-    deadline = time.monotonic() + grace
-    while pids_in(ns) and time.monotonic() < deadline:
-        time.sleep(0.02)
-    signal_all(ns, signal.SIGKILL)
-    deadline = time.monotonic() + grace
-    while pids_in(ns) and time.monotonic() < deadline:
-        time.sleep(0.02)
-    left = pids_in(ns)
-    if left:
-        raise CommandError(["kill"], 1, f"processes {left} in {ns} survived SIGKILL")
+    _wait_empty(ns, grace)
+    kill_now(ns, grace)
 
 
 _libc = ctypes.CDLL(None, use_errno=True)

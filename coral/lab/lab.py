@@ -220,7 +220,7 @@ class Lab:
         if host in self.faults:
             raise LabError(f"{host} is already crashed ({self.faults[host]}); heal it first")
         if mode == "kill":
-            netns.signal_all(ns, signal.SIGKILL)
+            netns.kill_now(ns)
             self.pids.pop(host, None)
         elif mode == "freeze":
             netns.signal_all(ns, signal.SIGSTOP)

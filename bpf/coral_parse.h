@@ -1,0 +1,254 @@
+/* SPDX-License-Identifier: GPL-2.0 */
+/* Bounds-checked Ethernet / ARP / IPv4 / TCP parsing for tc programs.
+ *
+ * Every header access is preceded by a check against data_end; every length
+ * field is checked against the bytes actually present (skb->len), so a
+ * lying header can never make a later stage read past the packet or trust
+ * garbage. Offsets, not pointers, survive helper calls that move packet
+ * data (bpf_skb_pull_data, bpf_skb_store_bytes): re-derive pointers from
+ * the offsets in struct coral_pkt after such calls.
+ */
+#ifndef CORAL_PARSE_H
+#define CORAL_PARSE_H
+
+#include "coral_consts.h"
+#include "coral_structs.h"
+
+/* Ethernet + longest IPv4 header + longest TCP header. */
+#define CORAL_HDR_MAX (ETH_HLEN + 60 + 60)
+
+/* A parsed frame. Pointers are valid until the next helper call that may
+ * move packet data; offsets are from the start of the frame. */
+struct coral_pkt {
+	struct iphdr *ip;	/* set once the fixed IPv4 header is readable */
+	struct tcphdr *tcp;	/* set once the TCP header is validated */
+	__u32 l4_off;		/* offset of the TCP header */
+	__u32 ip_len;		/* IPv4 total length, checked against skb->len */
+	__u32 tcp_hlen;		/* TCP header length with options, bytes */
+	__u32 payload_len;	/* TCP payload bytes */
+};
+
+/* ARP for IPv4 over Ethernet, as on the wire (RFC 826). Addresses are byte
+ * arrays: the IPv4 ones are not 4-byte aligned. */
+struct coral_arp {
+	__be16 hrd;
+	__be16 pro;
+	__u8 hln;
+	__u8 pln;
+	__be16 op;
+	__u8 sha[ETH_ALEN];
+	__u8 spa[4];
+	__u8 tha[ETH_ALEN];
+	__u8 tpa[4];
+};
+
+/* skb->data and skb->data_end, read with one load each from the context
+ * pointer itself. Plain C lets clang compute the field address into a
+ * register first (after a helper call, to reuse it), and the verifier
+ * rejects a dereference of a modified context pointer. */
+static __always_inline void *coral_data(const struct __sk_buff *skb)
+{
+	void *p;
+
+	asm volatile("%0 = *(u32 *)(%1 + %2)"
+		     : "=r"(p)
+		     : "r"(skb), "i"(__builtin_offsetof(struct __sk_buff, data)));
+	return p;
+}
+
+static __always_inline void *coral_data_end(const struct __sk_buff *skb)
+{
+	void *p;
+
+	asm volatile("%0 = *(u32 *)(%1 + %2)"
+		     : "=r"(p)
+		     : "r"(skb), "i"(__builtin_offsetof(struct __sk_buff, data_end)));
+	return p;
+}
+
+/* Make the headers linear: GRO/GSO skbs may keep part of them in paged
+ * fragments, where direct packet access cannot reach. Invalidates every
+ * packet pointer; call it before parsing. */
+static __always_inline void coral_pull_headers(struct __sk_buff *skb)
+{
+	__u32 want = skb->len < CORAL_HDR_MAX ? skb->len : CORAL_HDR_MAX;
+
+	if (coral_data(skb) + want > coral_data_end(skb))
+		bpf_skb_pull_data(skb, want);
+}
+
+/* The frame's EtherType (network order), or 0 if it has no full Ethernet
+ * header. VLAN tags are not parsed: a tagged frame is not ours. */
+static __always_inline __be16 coral_parse_eth(struct __sk_buff *skb)
+{
+	void *data = coral_data(skb);
+	void *data_end = coral_data_end(skb);
+	struct ethhdr *eth = data;
+
+	if ((void *)(eth + 1) > data_end)
+		return 0;
+	return eth->h_proto;
+}
+
+/* The ARP header of an ARP frame, or NULL if it is not a complete IPv4 over
+ * Ethernet ARP packet. */
+static __always_inline struct coral_arp *coral_parse_arp(struct __sk_buff *skb)
+{
+	void *data = coral_data(skb);
+	void *data_end = coral_data_end(skb);
+	struct coral_arp *arp = data + ETH_HLEN;
+
+	if ((void *)(arp + 1) > data_end)
+		return NULL;
+	if (arp->hrd != bpf_htons(ARPHRD_ETHER) || arp->pro != bpf_htons(ETH_P_IP) ||
+	    arp->hln != ETH_ALEN || arp->pln != 4)
+		return NULL;
+	return arp;
+}
+
+/* Parse and validate IPv4 and, if the protocol is TCP, the TCP header.
+ *
+ * Returns CORAL_CONTINUE for a well-formed, unfragmented IPv4/TCP packet
+ * (pkt fully set), CORAL_PASS_OTHER for well-formed IPv4 that is not TCP,
+ * or the CORAL_DROP_* reason of the first defect. pkt->ip is set whenever
+ * the fixed 20-byte header with version 4 was readable, so the caller can
+ * still look at the addresses to decide whether a defect concerns a
+ * service. IP options are skipped using IHL.
+ */
+static __always_inline enum coral_reason coral_parse_ipv4_tcp(struct __sk_buff *skb,
+							      struct coral_pkt *pkt)
+{
+	void *data = coral_data(skb);
+	void *data_end = coral_data_end(skb);
+	struct iphdr *ip = data + ETH_HLEN;
+	struct tcphdr *tcp;
+	__u32 ihl, avail, tot, l4_len, doff;
+
+	if ((void *)(ip + 1) > data_end)
+		return CORAL_DROP_IP_TRUNCATED;
+	if (ip->version != 4)
+		return CORAL_DROP_IP_BAD_VERSION;
+	pkt->ip = ip;
+	if (ip->ihl < 5)
+		return CORAL_DROP_IP_BAD_IHL;
+	ihl = ip->ihl * 4;
+	if (data + ETH_HLEN + ihl > data_end)
+		return CORAL_DROP_IP_TRUNCATED;
+
+	avail = skb->len - ETH_HLEN;
+	tot = bpf_ntohs(ip->tot_len);
+	/* BIG TCP: a GSO/GRO packet above 64 KiB carries tot_len 0. */
+	if (tot == 0 && skb->gso_size && avail > 0xffff)
+		tot = avail;
+	if (tot < ihl || tot > avail)
+		return CORAL_DROP_IP_BAD_TOTLEN;
+	if (ip->frag_off & bpf_htons(IP_MF | IP_OFFSET))
+		return CORAL_DROP_IP_FRAGMENT;
+	pkt->ip_len = tot;
+	if (ip->protocol != IPPROTO_TCP)
+		return CORAL_PASS_OTHER;
+
+	l4_len = tot - ihl;
+	if (l4_len < sizeof(*tcp))
+		return CORAL_DROP_TCP_TRUNCATED;
+	tcp = data + ETH_HLEN + ihl;
+	if ((void *)(tcp + 1) > data_end)
+		return CORAL_DROP_TCP_TRUNCATED;
+	doff = tcp->doff * 4;
+	if (doff < sizeof(*tcp) || doff > l4_len)
+		return CORAL_DROP_TCP_BAD_DOFF;
+	if ((void *)tcp + doff > data_end)
+		return CORAL_DROP_TCP_TRUNCATED;
+
+	pkt->tcp = tcp;
+	pkt->l4_off = ETH_HLEN + ihl;
+	pkt->tcp_hlen = doff;
+	pkt->payload_len = l4_len - doff;
+	return CORAL_CONTINUE;
+}
+
+/* State of one walk over a TCP option list (coral_parse_syn_opts). */
+struct coral_opt_walk {
+	__u8 buf[64];		/* the options; indexes are masked with 63 */
+	__u32 off;		/* next option */
+	__u32 len;		/* option bytes in buf, at most TCP_OPTIONS_MAX */
+	struct coral_syn_opts o;
+};
+
+/* One option of the walk, as a bpf_loop() callback: the verifier checks it
+ * once for any state instead of unrolling 40 iterations of every branch
+ * (which exceeds its budget when a program parses options several times).
+ * Returns 1 to stop: end of list, or a malformed option. */
+static long coral_opt_step(__u32 index, void *ctx)
+{
+	struct coral_opt_walk *w = ctx;
+	__u32 off = w->off;
+	__u8 kind, olen;
+
+	if (off >= w->len)
+		return 1;
+	kind = w->buf[off & 63];
+	if (kind == TCPOPT_EOL)
+		return 1;
+	if (kind == TCPOPT_NOP) {
+		w->off = off + 1;
+		return 0;
+	}
+	if (off + 2 > w->len)
+		return 1;
+	olen = w->buf[(off + 1) & 63];
+	if (olen < 2 || off + olen > w->len)
+		return 1;
+	if (kind == TCPOPT_MSS && olen == 4) {
+		w->o.mss = (w->buf[(off + 2) & 63] << 8) | w->buf[(off + 3) & 63];
+		w->o.flags |= CORAL_SYN_MSS;
+	} else if (kind == TCPOPT_WINDOW && olen == 3) {
+		w->o.wscale = w->buf[(off + 2) & 63];
+		w->o.flags |= CORAL_SYN_WSCALE;
+	} else if (kind == TCPOPT_SACK_PERM && olen == 2) {
+		w->o.flags |= CORAL_SYN_SACK_PERM;
+	} else if (kind == TCPOPT_TIMESTAMP && olen == 10) {
+		w->o.tsval = ((__u32)w->buf[(off + 2) & 63] << 24) |
+			     ((__u32)w->buf[(off + 3) & 63] << 16) |
+			     ((__u32)w->buf[(off + 4) & 63] << 8) | w->buf[(off + 5) & 63];
+		w->o.flags |= CORAL_SYN_TIMESTAMP;
+	}
+	w->off = off + olen;
+	return 0;
+}
+
+/* Read the handshake options of a validated SYN or SYN-ACK into o, and
+ * whether it negotiates ECN. The options are copied to the stack first
+ * (bpf_skb_load_bytes: they follow a variable-length IP header). A
+ * malformed option ends the walk; what was read before it is kept, as the
+ * kernel's own parser does. */
+static __always_inline void coral_parse_syn_opts(struct __sk_buff *skb,
+						 const struct coral_pkt *pkt,
+						 struct coral_syn_opts *o)
+{
+	struct coral_opt_walk w = {};
+	__u32 len = pkt->tcp_hlen - sizeof(struct tcphdr);
+
+	w.o.mss = TCP_MSS_DEFAULT;
+	/* RFC 3168: a SYN asks for ECN with ECE+CWR, a SYN-ACK agrees with ECE. */
+	if (pkt->tcp->ece && (pkt->tcp->ack || pkt->tcp->cwr))
+		w.o.flags |= CORAL_SYN_ECN;
+	if (len > 0 && len <= TCP_OPTIONS_MAX &&
+	    !bpf_skb_load_bytes(skb, pkt->l4_off + sizeof(struct tcphdr), w.buf, len)) {
+		w.len = len;
+		bpf_loop(TCP_OPTIONS_MAX, coral_opt_step, &w, 0);
+	}
+	*o = w.o;
+}
+
+/* The TSval of a validated segment's timestamp option, or 0 if it has none.
+ * Same walk as coral_parse_syn_opts, for non-SYN segments. */
+static __always_inline __u32 coral_parse_tsval(struct __sk_buff *skb, const struct coral_pkt *pkt)
+{
+	struct coral_syn_opts o;
+
+	coral_parse_syn_opts(skb, pkt, &o);
+	return o.tsval;
+}
+
+#endif /* CORAL_PARSE_H */

@@ -1,0 +1,135 @@
+/* SPDX-License-Identifier: GPL-2.0 */
+/* THE contract between the BPF programs and Python: every struct that
+ * crosses a map lives here, and only here.
+ *
+ * coral/bpf/structs.py mirrors each struct field by field (same names, same
+ * order); tests/test_bpf_contract.py compares sizes and member offsets with
+ * the compiled object's BTF, so a change here that is not mirrored fails the
+ * tests instead of corrupting state.
+ *
+ * Rules:
+ *  - fixed-width types only, explicit padding (named pad*), no implicit
+ *    holes: keys are hashed bytewise, so a hole with stale bytes would make
+ *    equal keys differ; Python zeroes pad fields.
+ *  - __be* fields hold network byte order (as on the wire); everything else
+ *    is host order.
+ *  - sequence numbers are host-order u32 as the TCP header carries them.
+ *  - times are nanoseconds of bpf_ktime_get_ns() (CLOCK_MONOTONIC; Python:
+ *    time.monotonic_ns()), never wall-clock.
+ */
+#ifndef CORAL_STRUCTS_H
+#define CORAL_STRUCTS_H
+
+/* Key of coral_services. A service is one VIP:port; the data plane only
+ * interferes with TCP to and from a configured service. */
+struct coral_service_key {
+	__be32 vip;
+	__be16 port;
+	__u16 pad;
+};
+
+/* Value of coral_services: everything the programs need to handle one
+ * service's packets without asking user space. Written by the agent; a
+ * mode switch (duplex <-> simplex, fencing) is one map update. */
+struct coral_service_state {
+	/* The agent's lease: past this instant the host is fenced for the
+	 * service even if mode says otherwise (a frozen or dead agent cannot
+	 * keep the host talking). 0 = expired. */
+	__u64 lease_expiry_ns;
+	/* Configuration epoch the agent holds the lease under; reported back
+	 * so the peer can tell a stale host from a current one. */
+	__u32 epoch;
+	/* The peer host's LAN address (where clones and reports go). */
+	__be32 peer_ip;
+	/* This host's LAN MAC: source of frames sent to the peer (the
+	 * router's MAC must not appear on our port, or the switch learns it). */
+	__u8 own_mac[6];
+	/* The peer host's LAN MAC: destination of clones and reports. */
+	__u8 peer_mac[6];
+	__u8 mode;	/* enum coral_mode */
+	__u8 role;	/* enum coral_role */
+	__u8 pad[2];
+};
+
+/* Key of coral_vips. ARP and fragments carry no port, so address-level
+ * decisions need a map keyed by the VIP alone. */
+struct coral_vip_key {
+	__be32 vip;
+};
+
+/* Value of coral_vips: whether this host may claim the VIP on the LAN
+ * (ARP) and, for packets without a usable port, whether the address is a
+ * service address at all. The agent writes it together with the VIP's
+ * services and renews its lease with theirs. */
+struct coral_vip_state {
+	__u64 lease_expiry_ns;	/* as in coral_service_state */
+	__u32 epoch;
+	__u8 mode;		/* enum coral_mode */
+	__u8 pad[3];
+};
+
+/* Key of coral_conns and coral_handshakes: one client connection to one
+ * service, in the client -> service direction. */
+struct coral_conn_key {
+	__be32 client_ip;
+	__be32 vip;
+	__be16 client_port;
+	__be16 vip_port;
+};
+
+/* Value of coral_conns: per-connection replication state, shared by both
+ * directions and both hosts' programs. */
+struct coral_conn_state {
+	/* The primary's ISN: the connection's one sequence space. */
+	__u32 primary_isn;
+	/* Highest client byte (sequence number) the backup's kernel has
+	 * acknowledged: the primary never acknowledges more to the client. */
+	__u32 backup_ack;
+	/* The backup's receive window in bytes (already scaled): the
+	 * primary's advertised right edge never exceeds backup_ack +
+	 * backup_win. */
+	__u32 backup_win;
+	/* Highest reply byte the client has acknowledged: what the backup's
+	 * stack may be told ("fake ack") once it has sent that far. */
+	__u32 client_ack;
+	__u16 flags;	/* enum coral_conn_flag bits */
+	/* Mode when the connection opened: a simplex connection stays
+	 * simplex until it closes, whatever the service's mode becomes. */
+	__u8 mode;	/* enum coral_mode */
+	/* Window scale both kernels advertise (the primary's choice, adopted
+	 * by the backup): turns the backup's raw window into bytes. */
+	__u8 rcv_wscale;
+};
+
+/* The handshake options of one SYN or SYN-ACK: what the backup needs to
+ * rebuild the primary's negotiated connection (bpf_tcp_req_attrs). */
+struct coral_syn_opts {
+	__u32 tsval;	/* TSval, if CORAL_SYN_TIMESTAMP */
+	__u16 mss;	/* MSS option, TCP_MSS_DEFAULT if absent */
+	__u8 wscale;	/* window scale shift, if CORAL_SYN_WSCALE */
+	__u8 flags;	/* enum coral_syn_opt bits */
+};
+
+/* Value of coral_handshakes: a connection between the client's SYN and its
+ * adoption by the backup. Kept apart from coral_conns so a SYN flood can
+ * only evict other half-open handshakes (an LRU map), never established
+ * replicated connections. */
+struct coral_handshake {
+	/* When the primary's SYN-ACK copy was seen (0 = not yet): the
+	 * primary's TSval is advanced by the time elapsed since, so the
+	 * backup's timestamps continue the primary's clock. */
+	__u64 synack_ns;
+	struct coral_syn_opts client;	/* from the client's SYN */
+	struct coral_syn_opts primary;	/* from the primary's SYN-ACK */
+	__u32 primary_isn;	/* the SYN-ACK's sequence number */
+	__u32 pad;
+};
+
+/* Value of coral_counters (one per enum coral_reason, per CPU). Bytes as
+ * well as packets: capacity questions are asked in bytes. */
+struct coral_counter {
+	__u64 packets;
+	__u64 bytes;
+};
+
+#endif /* CORAL_STRUCTS_H */
