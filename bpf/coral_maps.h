@@ -44,6 +44,18 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } coral_conns SEC(".maps");
 
+/* Connections the application is closing on purpose (value: when it said
+ * so, ns): their FIN or RST may leave the host. A map of its own, written
+ * only by user space, so a mark never races the programs' updates of the
+ * connection's state in coral_conns. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__type(key, struct coral_conn_key);
+	__type(value, __u64);
+	__uint(max_entries, 65536);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} coral_closing SEC(".maps");
+
 /* Half-open connections awaiting adoption by the backup. LRU: under a SYN
  * flood the oldest pending handshakes go, nothing else. */
 struct {

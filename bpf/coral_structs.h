@@ -77,28 +77,74 @@ struct coral_conn_key {
 	__be16 vip_port;
 };
 
-/* Value of coral_conns: per-connection replication state, shared by both
- * directions and both hosts' programs. */
+/* One SACK block as the TCP option carries it (host order here). */
+struct coral_sack_block {
+	__u32 start;
+	__u32 end;
+};
+
+/* Value of coral_conns: per-connection replication state. One struct for
+ * both roles (a host can be primary for one service and backup for
+ * another); each role's programs use their part. Sequence numbers are in
+ * the connection's one sequence space (the primary's, adopted by the
+ * backup). */
 struct coral_conn_state {
-	/* The primary's ISN: the connection's one sequence space. */
+	/* Last packet seen (either direction): the control plane removes
+	 * entries whose socket is gone and that have been quiet. */
+	__u64 last_ns;
+	/* The primary's ISN, and the client's: the handshake acknowledges
+	 * client_isn + 1, all the primary may acknowledge before the
+	 * backup's first report. */
 	__u32 primary_isn;
-	/* Highest client byte (sequence number) the backup's kernel has
-	 * acknowledged: the primary never acknowledges more to the client. */
-	__u32 backup_ack;
-	/* The backup's receive window in bytes (already scaled): the
-	 * primary's advertised right edge never exceeds backup_ack +
-	 * backup_win. */
-	__u32 backup_win;
-	/* Highest reply byte the client has acknowledged: what the backup's
-	 * stack may be told ("fake ack") once it has sent that far. */
-	__u32 client_ack;
+	__u32 client_isn;
 	__u16 flags;	/* enum coral_conn_flag bits */
 	/* Mode when the connection opened: a simplex connection stays
 	 * simplex until it closes, whatever the service's mode becomes. */
 	__u8 mode;	/* enum coral_mode */
 	/* Window scale both kernels advertise (the primary's choice, adopted
-	 * by the backup): turns the backup's raw window into bytes. */
+	 * by the backup): turns raw windows into bytes. */
 	__u8 rcv_wscale;
+
+	/* ---- primary: the clamp ---- */
+	/* Highest client byte (next expected sequence number) the backup's
+	 * kernel has acknowledged, from its reports: the primary never
+	 * acknowledges more to the client. */
+	__u32 backup_ack;
+	/* The backup's receive window in bytes: the advertised right edge
+	 * never exceeds backup_ack + backup_win. */
+	__u32 backup_win;
+	/* What the primary's own kernel last acknowledged and advertised
+	 * (unclamped): a raised clamp is sent as min(primary, backup). */
+	__u32 primary_ack;
+	__u32 primary_win;
+	/* Next sequence number the primary sends: the seq of a raised ACK
+	 * the data plane sends on the primary's behalf. */
+	__u32 primary_snd_nxt;
+	/* Highest acknowledgement actually sent to the client: a report that
+	 * raises the clamp above it triggers an immediate ACK. */
+	__u32 acked_to_client;
+	/* The backup's latest SACK blocks: a primary SACK block is passed
+	 * to the client only if the backup holds those bytes too. */
+	struct coral_sack_block backup_sack[3];
+	/* Next hop toward the client (the router's MAC, learnt from the
+	 * primary's own segments): destination of a raised ACK. */
+	__u8 client_mac[6];
+	__u16 pad;
+
+	/* ---- backup: catching up with the primary (fake acks) ---- */
+	/* Highest end sequence the backup's kernel has sent (suppressed). */
+	__u32 backup_snd_nxt;
+	/* The client's latest acknowledgement, unclamped, with its window
+	 * and timestamps: replayed to the backup's kernel once it has sent
+	 * the bytes acknowledged. */
+	__u32 client_ack;
+	/* Highest acknowledgement let through to the backup's kernel. */
+	__u32 delivered_ack;
+	__u32 client_tsval;
+	__u32 client_tsecr;
+	__u16 client_win;	/* raw window field, as the client sent it */
+	__u16 pad2;
+	__u32 pad3;
 };
 
 /* The handshake options of one SYN or SYN-ACK: what the backup needs to

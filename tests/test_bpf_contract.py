@@ -15,7 +15,7 @@ from coral import bpf
 from coral.bpf.btf import Btf
 from coral.bpf.structs import CONTRACT, ENUMS, CStruct, Reason
 
-OBJECTS = ("coral_tc", "coral_adopt")
+OBJECTS = ("coral_tc", "coral_dp")
 
 
 @pytest.fixture(scope="module", params=OBJECTS)

@@ -3,7 +3,7 @@
 - coral_tc attached with pyroute2 to a veth: real packets move the counters,
   fencing (mode and lease) stops a real TCP handshake and the VIP's ARP
   replies, and detaching restores plain forwarding.
-- coral_adopt's handshake records and its guards, under BPF_PROG_TEST_RUN
+- coral_dp's handshake records and its guards, under BPF_PROG_TEST_RUN
   inside a namespace (so the listener lookup sees only our sockets).
 - The adoption proof (design brief, section 9): a client reaches two hosts
   through a hub; the backup's ingress holds the SYN, the primary alone
@@ -189,9 +189,9 @@ def coral_tc() -> Iterator[BpfObject]:
 
 
 @pytest.fixture
-def coral_adopt() -> Iterator[BpfObject]:
+def coral_dp() -> Iterator[BpfObject]:
     bpf.build()
-    with BpfObject.open(bpf.object_path("coral_adopt")) as obj:
+    with BpfObject.open(bpf.object_path("coral_dp")) as obj:
         obj.load()
         yield obj
 
@@ -282,15 +282,15 @@ def syn_opts() -> list[tuple[str, object]]:
 
 
 def test_adopt_handshake_records_and_guards(
-    make_ns: Callable[[str], str], coral_adopt: BpfObject
+    make_ns: Callable[[str], str], coral_dp: BpfObject
 ) -> None:
     """SYN held and recorded, SYN-ACK recorded, ACK guarded; run inside a
     namespace so bpf_sk_lookup_tcp sees only the listener made here."""
     ns = make_ns("adopt")
     vip, client, port, cport, isn = "198.18.202.100", "198.18.202.7", 8080, 40000, 0x7FFFFFF0
-    maps = CoralMaps.of(coral_adopt)
+    maps = CoralMaps.of(coral_dp)
     configure(maps, vip, port, Mode.DUPLEX, Role.BACKUP)
-    fd_in = coral_adopt.prog_fd("coral_adopt_ingress")
+    fd_in = coral_dp.prog_fd("coral_ingress")
     key = ConnKey.of(client, cport, vip, port)
     eth = Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02")
     c2s = eth / IP(src=client, dst=vip)
@@ -342,8 +342,8 @@ def test_adopt_handshake_records_and_guards(
     assert maps.handshakes.get(key) is not None, "kept until the connection exists"
 
 
-def test_adoption_end_to_end(make_ns: Callable[[str], str], coral_adopt: BpfObject) -> None:
-    """Brief section 9, as a regression test of coral_adopt on this kernel."""
+def test_adoption_end_to_end(make_ns: Callable[[str], str], coral_dp: BpfObject) -> None:
+    """Brief section 9, as a regression test of coral_dp on this kernel."""
     client, primary, backup = make_ns("c"), make_ns("a"), make_ns("b")
     vip, port, shared_mac = "198.18.201.100", 8080, "02:c0:7a:00:00:64"
     # A hub: a bridge that never learns floods every frame to both hosts,
@@ -369,11 +369,11 @@ def test_adoption_end_to_end(make_ns: Callable[[str], str], coral_adopt: BpfObje
     sysctl(primary, "net.ipv4.tcp_timestamps", "1")
     sysctl(backup, "net.ipv4.tcp_timestamps", "2")
 
-    maps = CoralMaps.of(coral_adopt)
+    maps = CoralMaps.of(coral_dp)
     configure(maps, vip, port, Mode.DUPLEX, Role.BACKUP)
-    tc.attach("eth0", coral_adopt.prog_fd("coral_adopt_ingress"), "coral_adopt_ingress",
+    tc.attach("eth0", coral_dp.prog_fd("coral_ingress"), "coral_ingress",
               tc.Hook.INGRESS, netns=backup)  # fmt: skip
-    tc.attach("eth0", coral_adopt.prog_fd("coral_adopt_egress"), "coral_adopt_egress",
+    tc.attach("eth0", coral_dp.prog_fd("coral_egress"), "coral_egress",
               tc.Hook.EGRESS, netns=backup)  # fmt: skip
 
     listeners = []

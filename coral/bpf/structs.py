@@ -176,16 +176,37 @@ class ConnKey(CStruct):
         return cls(client_ip=ip4(client), vip=ip4(vip), client_port=client_port, vip_port=vip_port)
 
 
+class SackBlock(CStruct):
+    C_NAME = "coral_sack_block"
+    _fields_ = (("start", u32), ("end", u32))
+
+
 class ConnState(CStruct):
     C_NAME = "coral_conn_state"
     _fields_ = (
+        ("last_ns", u64),
         ("primary_isn", u32),
-        ("backup_ack", u32),
-        ("backup_win", u32),
-        ("client_ack", u32),
+        ("client_isn", u32),
         ("flags", u16),
         ("mode", u8),
         ("rcv_wscale", u8),
+        ("backup_ack", u32),
+        ("backup_win", u32),
+        ("primary_ack", u32),
+        ("primary_win", u32),
+        ("primary_snd_nxt", u32),
+        ("acked_to_client", u32),
+        ("backup_sack", SackBlock * 3),
+        ("client_mac", u8 * 6),
+        ("pad", u16),
+        ("backup_snd_nxt", u32),
+        ("client_ack", u32),
+        ("delivered_ack", u32),
+        ("client_tsval", u32),
+        ("client_tsecr", u32),
+        ("client_win", u16),
+        ("pad2", u16),
+        ("pad3", u32),
     )
 
 
@@ -216,6 +237,7 @@ CONTRACT: tuple[type[CStruct], ...] = (
     VipKey,
     VipState,
     ConnKey,
+    SackBlock,
     ConnState,
     SynOpts,
     Handshake,

@@ -1,4 +1,4 @@
-// SPDX-License-Identifier: GPL-2.0
+/* SPDX-License-Identifier: GPL-2.0 */
 /* The backup's side of the handshake, by adoption (kernels >= 6.9).
  *
  * One sequence space for both hosts without per-packet translation: the
@@ -9,22 +9,15 @@
  * takes ISN = ack - 1, i.e. the primary's, and timestamps continuing the
  * primary's clock.
  *
- * A separate object because it needs the kfunc: libbpf 1.1 has no
- * bpf_ksym_exists(), so an object referencing it does not load at all on a
- * kernel without it; older kernels get the same adoption from kmod/.
- *
- * Applies to services where this host is the backup in duplex; everything
- * else gets coral_tc's verdicts. coral_adopt_egress suppresses the backup's
- * own replies (its kernel mirrors the primary's send queue, the client
- * hears only the primary); reporting the backup's ack to the primary comes
- * with the replication data plane.
+ * Included only by objects built for kernels with the kfunc: libbpf 1.1 has
+ * no bpf_ksym_exists(), so an object referencing it does not load at all on
+ * a kernel without it (coral_tc is the object for those; kmod/ gives them
+ * the same adoption).
  */
-#include "vmlinux.h"
-#include <bpf/bpf_helpers.h>
-#include <bpf/bpf_endian.h>
+#ifndef CORAL_ADOPT_H
+#define CORAL_ADOPT_H
 
 #include "coral_classify.h"
-#include "coral_verdict.h"
 
 extern int bpf_sk_assign_tcp_reqsk(struct __sk_buff *skb, struct sock *sk,
 				   struct bpf_tcp_req_attrs *attrs, int attrs__sz) __ksym;
@@ -166,50 +159,4 @@ static __always_inline enum coral_reason coral_adopt(struct __sk_buff *skb,
 	return err ? CORAL_DROP_ADOPT_FAILED : CORAL_PASS_ADOPTED;
 }
 
-/* Frames arriving on the backup's LAN interface. */
-SEC("tc")
-int coral_adopt_ingress(struct __sk_buff *skb)
-{
-	struct coral_pkt pkt = {};
-	struct coral_service svc;
-	enum coral_reason r = coral_classify(skb, true, &pkt, &svc);
-
-	if (r == CORAL_CONTINUE) {
-		/* Client -> service. */
-		if (!coral_adopting(svc.state) || pkt.tcp->rst)
-			r = CORAL_PASS_SERVICE;
-		else if (pkt.tcp->syn)
-			r = pkt.tcp->ack ? CORAL_PASS_SERVICE : coral_hold_syn(skb, &pkt);
-		else if (pkt.tcp->ack)
-			r = coral_adopt(skb, &pkt);
-		if (r == CORAL_CONTINUE)
-			r = CORAL_PASS_SERVICE;
-	} else if (r == CORAL_PASS_OTHER && pkt.tcp && pkt.tcp->syn && pkt.tcp->ack) {
-		/* Perhaps the copy of the primary's SYN-ACK (service -> client). */
-		r = coral_service_lookup(&pkt, false, &svc);
-		if (r == CORAL_CONTINUE)
-			r = coral_adopting(svc.state) ? coral_record_synack(skb, &pkt)
-						      : CORAL_PASS_OTHER;
-	}
-	return coral_verdict(skb, r);
-}
-
-/* Frames the backup sends on its LAN interface: its replies to clients are
- * suppressed in duplex, its kernel none the wiser. */
-SEC("tc")
-int coral_adopt_egress(struct __sk_buff *skb)
-{
-	struct coral_pkt pkt = {};
-	struct coral_service svc;
-	enum coral_reason r = coral_classify(skb, false, &pkt, &svc);
-
-	if (r == CORAL_CONTINUE && coral_adopting(svc.state)) {
-		/* Consumed, so TCP counts the segment as sent (see
-		 * CORAL_DROP_BACKUP_SUPPRESSED). */
-		coral_count(skb, CORAL_DROP_BACKUP_SUPPRESSED);
-		return TC_ACT_STOLEN;
-	}
-	return coral_verdict(skb, r == CORAL_CONTINUE ? CORAL_PASS_SERVICE : r);
-}
-
-char LICENSE[] SEC("license") = "GPL";
+#endif /* CORAL_ADOPT_H */
