@@ -17,25 +17,12 @@
 #ifndef CORAL_ADOPT_H
 #define CORAL_ADOPT_H
 
-#include "coral_classify.h"
+#include "coral_repl.h"
 
 extern int bpf_sk_assign_tcp_reqsk(struct __sk_buff *skb, struct sock *sk,
 				   struct bpf_tcp_req_attrs *attrs, int attrs__sz) __ksym;
 
 #define TCP_MAX_WSCALE 14
-
-static __always_inline bool coral_adopting(const struct coral_service_state *s)
-{
-	return s->role == CORAL_ROLE_BACKUP && s->mode == CORAL_MODE_DUPLEX;
-}
-
-static __always_inline void coral_conn_key_in(const struct coral_pkt *pkt, struct coral_conn_key *k)
-{
-	k->client_ip = pkt->ip->saddr;
-	k->vip = pkt->ip->daddr;
-	k->client_port = pkt->tcp->source;
-	k->vip_port = pkt->tcp->dest;
-}
 
 /* The client's SYN: record its options, hold it back. A retransmitted SYN
  * starts the record afresh (the primary answers it with the same ISN, and
@@ -46,7 +33,7 @@ static __always_inline enum coral_reason coral_hold_syn(struct __sk_buff *skb,
 	struct coral_conn_key key;
 	struct coral_handshake hs = {};
 
-	coral_conn_key_in(pkt, &key);
+	coral_key_in(pkt, &key);
 	coral_parse_syn_opts(skb, pkt, &hs.client);
 	bpf_map_update_elem(&coral_handshakes, &key, &hs, BPF_ANY);
 	return CORAL_DROP_SYN_HELD;
@@ -59,14 +46,12 @@ static __always_inline enum coral_reason coral_hold_syn(struct __sk_buff *skb,
 static __always_inline enum coral_reason coral_record_synack(struct __sk_buff *skb,
 							     const struct coral_pkt *pkt)
 {
-	struct coral_conn_key key = {
-		.client_ip = pkt->ip->daddr,
-		.vip = pkt->ip->saddr,
-		.client_port = pkt->tcp->dest,
-		.vip_port = pkt->tcp->source,
-	};
-	struct coral_handshake *old = bpf_map_lookup_elem(&coral_handshakes, &key);
+	struct coral_conn_key key;
+	struct coral_handshake *old;
 	struct coral_handshake hs;
+
+	coral_key_out(pkt, &key);
+	old = bpf_map_lookup_elem(&coral_handshakes, &key);
 
 	if (!old)
 		return CORAL_DROP_SYNACK_COPY;
@@ -123,7 +108,7 @@ static __always_inline enum coral_reason coral_adopt(struct __sk_buff *skb,
 	__u32 tsval;
 	int err;
 
-	coral_conn_key_in(pkt, &key);
+	coral_key_in(pkt, &key);
 	hs = bpf_map_lookup_elem(&coral_handshakes, &key);
 	if (!hs)
 		return CORAL_CONTINUE;

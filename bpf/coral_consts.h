@@ -32,6 +32,35 @@ enum coral_reason {
 	CORAL_PASS_VIP_ARP,
 	/* The client's handshake ACK, carrying the adopted request socket. */
 	CORAL_PASS_ADOPTED,
+	/* Backup, duplex: a client packet delivered to the backup's stack
+	 * and cloned to the primary. */
+	CORAL_PASS_CLONED,
+	/* Backup: the connection table is full; the new connection is
+	 * served by the backup alone (simplex, not replicated). */
+	CORAL_PASS_SIMPLEX_FULL,
+	/* Backup, duplex: the backup's own segment, redirected to the
+	 * primary as its report (acknowledgement, window, SACK). Passed, not
+	 * dropped: TCP must count the segment as sent (a drop at egress
+	 * returns NET_XMIT_DROP and the segment would count as unsent). */
+	CORAL_PASS_BACKUP_REPORT,
+	/* Backup: the client's acknowledgement of bytes the backup has now
+	 * sent, delivered to its stack (CoRAL's fake ack). */
+	CORAL_PASS_FAKE_ACK,
+	/* Primary, duplex: a segment to the client, acknowledgement, window
+	 * and SACK clamped to what the backup holds. */
+	CORAL_PASS_CLAMPED,
+	/* Primary: a backup report raised the clamp; an ACK goes to the
+	 * client at once. */
+	CORAL_PASS_RAISED_ACK,
+	/* A packet the data plane made itself (a raised ACK) or a copy for
+	 * the peer, passing this host's egress. */
+	CORAL_PASS_CRAFTED,
+	/* FIN or RST of a connection the application is closing. */
+	CORAL_PASS_CLOSE,
+	/* Data with an unmarked FIN (the kernel folds a FIN into the last
+	 * data, up to a whole GSO packet of it): the data passes, the FIN
+	 * flag is removed. */
+	CORAL_PASS_FIN_STRIPPED,
 
 	/* Service traffic while the service is fenced (mode). */
 	CORAL_DROP_FENCED,
@@ -70,12 +99,23 @@ enum coral_reason {
 	/* The kernel refused the adoption (bad attributes, sysctls). Dropped,
 	 * not passed: the listener would answer the ACK with an RST. */
 	CORAL_DROP_ADOPT_FAILED,
-	/* Backup in duplex: its own replies never reach the client. Returned
-	 * as TC_ACT_STOLEN, not TC_ACT_SHOT: a drop at egress reports
-	 * NET_XMIT_DROP to TCP, which then counts the segment as not sent
-	 * (snd_nxt stays put) and treats the client's acknowledgements of the
-	 * primary's identical bytes as acks of unsent data. */
-	CORAL_DROP_BACKUP_SUPPRESSED,
+	/* FIN or RST from the service for a replicated connection the
+	 * application did not mark closing: a crash falls silent. */
+	CORAL_DROP_UNMARKED_CLOSE,
+	/* Primary: a backup report, its information taken, nothing to send. */
+	CORAL_DROP_REPORT_CONSUMED,
+	/* From the peer but unusable: a report or copy for a connection this
+	 * host does not track. */
+	CORAL_DROP_PEER_STRAY,
+	/* Primary: a replicated connection cannot be tracked (table full);
+	 * the client retransmits its SYN. */
+	CORAL_DROP_CONN_TABLE_FULL,
+	/* A rewrite helper failed: never pass a half-rewritten packet. */
+	CORAL_DROP_REWRITE_FAILED,
+	/* Copying the frame (to the peer, or looping it back) failed. */
+	CORAL_DROP_COPY_FAILED,
+	/* Backup: a looped copy with no acknowledgement left to deliver. */
+	CORAL_DROP_LOOP_STALE,
 
 	CORAL_REASON_MAX,
 };
@@ -95,14 +135,12 @@ enum coral_role {
 	CORAL_ROLE_BACKUP = 2,	/* owns the VIP on the LAN, mirrors */
 };
 
-/* Bits of coral_conn_state.flags. */
+/* Bits of coral_conn_state.flags. (Closing marks live in coral_closing, a
+ * map only user space writes.) */
 enum coral_conn_flag {
-	/* The proxy is closing this connection on purpose: its FIN may pass.
-	 * Any other FIN or RST from the VIP is a failure and is dropped. */
-	CORAL_CONN_CLOSING = 1 << 0,
 	/* The backup has reported at least once: until then the primary
 	 * acknowledges nothing beyond the handshake. */
-	CORAL_CONN_BACKUP_SEEN = 1 << 1,
+	CORAL_CONN_BACKUP_SEEN = 1 << 0,
 };
 
 /* Bits of coral_syn_opts.flags: which options a SYN or SYN-ACK carried. */
@@ -131,6 +169,7 @@ enum coral_syn_opt {
 #define TCPOPT_MSS 2
 #define TCPOPT_WINDOW 3
 #define TCPOPT_SACK_PERM 4
+#define TCPOPT_SACK 5
 #define TCPOPT_TIMESTAMP 8
 #define TCP_MSS_DEFAULT 536	/* RFC 1122/9293: MSS when the SYN has none */
 #define TCP_OPTIONS_MAX 40	/* (15 - 5) words */

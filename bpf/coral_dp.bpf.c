@@ -11,8 +11,32 @@
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_endian.h>
 
-#include "coral_adopt.h"
+#include "coral_backup.h"
+#include "coral_primary.h"
 #include "coral_verdict.h"
+
+/* A frame whose source is a service (VIP:port) arriving here: the
+ * primary's SYN-ACK copy or a looped copy of our own segment (backup), or
+ * the backup's report (primary). Returns the tc action. */
+static __always_inline int coral_from_service(struct __sk_buff *skb, const struct coral_pkt *pkt,
+					      const struct coral_service *svc)
+{
+	const struct coral_service_state *s = svc->state;
+	__u8 dst[ETH_ALEN], src[ETH_ALEN];
+
+	if (bpf_skb_load_bytes(skb, 0, dst, ETH_ALEN) ||
+	    bpf_skb_load_bytes(skb, ETH_ALEN, src, ETH_ALEN))
+		return coral_verdict(skb, CORAL_DROP_REWRITE_FAILED);
+	if (s->role == CORAL_ROLE_PRIMARY) {
+		if (coral_mac_eq(src, s->peer_mac))
+			return coral_primary_report(skb, pkt, svc);
+	} else if (coral_mac_eq(src, s->own_mac) && coral_mac_eq(dst, s->own_mac)) {
+		return coral_verdict(skb, coral_backup_fake_ack(skb, pkt, svc));
+	} else if (coral_mac_eq(src, s->peer_mac) && pkt->tcp->syn && pkt->tcp->ack) {
+		return coral_verdict(skb, coral_backup_synack(skb, pkt));
+	}
+	return coral_verdict(skb, CORAL_DROP_PEER_STRAY);
+}
 
 /* Frames arriving on the LAN interface. */
 SEC("tc")
@@ -23,21 +47,14 @@ int coral_ingress(struct __sk_buff *skb)
 	enum coral_reason r = coral_classify(skb, true, &pkt, &svc);
 
 	if (r == CORAL_CONTINUE) {
-		/* Client -> service. */
-		if (!coral_adopting(svc.state) || pkt.tcp->rst)
-			r = CORAL_PASS_SERVICE;
-		else if (pkt.tcp->syn)
-			r = pkt.tcp->ack ? CORAL_PASS_SERVICE : coral_hold_syn(skb, &pkt);
-		else if (pkt.tcp->ack)
-			r = coral_adopt(skb, &pkt);
-		if (r == CORAL_CONTINUE)
-			r = CORAL_PASS_SERVICE;
-	} else if (r == CORAL_PASS_OTHER && pkt.tcp && pkt.tcp->syn && pkt.tcp->ack) {
-		/* Perhaps the copy of the primary's SYN-ACK (service -> client). */
+		if (svc.state->role == CORAL_ROLE_BACKUP)
+			r = coral_backup_in(skb, &pkt, &svc);
+		else
+			r = coral_primary_in(&pkt, &svc);
+	} else if (r == CORAL_PASS_OTHER && pkt.tcp) {
 		r = coral_service_lookup(&pkt, false, &svc);
 		if (r == CORAL_CONTINUE)
-			r = coral_adopting(svc.state) ? coral_record_synack(skb, &pkt)
-						      : CORAL_PASS_OTHER;
+			return coral_from_service(skb, &pkt, &svc);
 	}
 	return coral_verdict(skb, r);
 }
@@ -50,13 +67,12 @@ int coral_egress(struct __sk_buff *skb)
 	struct coral_service svc;
 	enum coral_reason r = coral_classify(skb, false, &pkt, &svc);
 
-	if (r == CORAL_CONTINUE && coral_adopting(svc.state)) {
-		/* Consumed, so TCP counts the segment as sent (see
-		 * CORAL_DROP_BACKUP_SUPPRESSED). */
-		coral_count(skb, CORAL_DROP_BACKUP_SUPPRESSED);
-		return TC_ACT_STOLEN;
+	if (r == CORAL_CONTINUE) {
+		if (svc.state->role == CORAL_ROLE_BACKUP)
+			return coral_backup_out(skb, &pkt, &svc);
+		return coral_primary_out(skb, &pkt, &svc);
 	}
-	return coral_verdict(skb, r == CORAL_CONTINUE ? CORAL_PASS_SERVICE : r);
+	return coral_verdict(skb, r);
 }
 
 char LICENSE[] SEC("license") = "GPL";

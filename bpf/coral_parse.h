@@ -251,4 +251,86 @@ static __always_inline __u32 coral_parse_tsval(struct __sk_buff *skb, const stru
 	return o.tsval;
 }
 
+/* What the replication paths need from a data segment's options: its
+ * timestamps (values and where they are, to rewrite them) and its SACK
+ * blocks (to check and, if needed, blank them). */
+struct coral_seg_opts {
+	__u32 tsval;
+	__u32 tsecr;
+	__u8 has_ts;
+	__u8 sack_n;		/* blocks in sack[] (at most 4) */
+	__u8 sack_off;		/* offset of the SACK option's kind byte in the options */
+	__u8 sack_len;		/* its length byte */
+	struct coral_sack_block sack[4];
+};
+
+struct coral_seg_walk {
+	__u8 buf[64];
+	__u32 off;
+	__u32 len;
+	struct coral_seg_opts o;
+};
+
+static __always_inline __u32 coral_be32_at(const __u8 *buf, __u32 off)
+{
+	return ((__u32)buf[off & 63] << 24) | ((__u32)buf[(off + 1) & 63] << 16) |
+	       ((__u32)buf[(off + 2) & 63] << 8) | buf[(off + 3) & 63];
+}
+
+static long coral_seg_step(__u32 index, void *ctx)
+{
+	struct coral_seg_walk *w = ctx;
+	__u32 off = w->off, i, n;
+	__u8 kind, olen;
+
+	if (off >= w->len)
+		return 1;
+	kind = w->buf[off & 63];
+	if (kind == TCPOPT_EOL)
+		return 1;
+	if (kind == TCPOPT_NOP) {
+		w->off = off + 1;
+		return 0;
+	}
+	if (off + 2 > w->len)
+		return 1;
+	olen = w->buf[(off + 1) & 63];
+	if (olen < 2 || off + olen > w->len)
+		return 1;
+	if (kind == TCPOPT_TIMESTAMP && olen == 10) {
+		w->o.tsval = coral_be32_at(w->buf, off + 2);
+		w->o.tsecr = coral_be32_at(w->buf, off + 6);
+		w->o.has_ts = 1;
+	} else if (kind == TCPOPT_SACK && olen >= 10 && (olen - 2) % 8 == 0) {
+		n = (olen - 2) / 8;
+		w->o.sack_off = off;
+		w->o.sack_len = olen;
+		for (i = 0; i < 4; i++) {
+			if (i >= n)
+				break;
+			w->o.sack[i].start = coral_be32_at(w->buf, off + 2 + i * 8);
+			w->o.sack[i].end = coral_be32_at(w->buf, off + 6 + i * 8);
+		}
+		w->o.sack_n = n > 4 ? 4 : n;
+	}
+	w->off = off + olen;
+	return 0;
+}
+
+/* The timestamps and SACK blocks of a (non-SYN) segment. */
+static __always_inline void coral_parse_seg_opts(struct __sk_buff *skb,
+						 const struct coral_pkt *pkt,
+						 struct coral_seg_opts *o)
+{
+	struct coral_seg_walk w = {};
+	__u32 len = pkt->tcp_hlen - sizeof(struct tcphdr);
+
+	if (len > 0 && len <= TCP_OPTIONS_MAX &&
+	    !bpf_skb_load_bytes(skb, pkt->l4_off + sizeof(struct tcphdr), w.buf, len)) {
+		w.len = len;
+		bpf_loop(TCP_OPTIONS_MAX, coral_seg_step, &w, 0);
+	}
+	*o = w.o;
+}
+
 #endif /* CORAL_PARSE_H */

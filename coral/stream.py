@@ -234,6 +234,9 @@ def add_parser(sub: Any) -> None:
     s = p.add_subparsers(dest="stream_command", required=True)
     srv = s.add_parser("serve", help="serve streams (run the same on both server hosts)")
     srv.add_argument("address", help="HOST:PORT to listen on")
+    srv.add_argument(
+        "--pin-dir", help="the host's data-plane pin dir: closes are marked there before a FIN"
+    )
     srv.set_defaults(func=_serve_cli)
     run = s.add_parser("run", help="stream and verify; prints JSON, exit 1 on any bad byte")
     run.add_argument("address", help="HOST:PORT")
@@ -250,7 +253,13 @@ def _split(address: str) -> tuple[str, int]:
 
 
 def _serve_cli(args: argparse.Namespace) -> int:
-    serve(*_split(args.address))
+    if args.pin_dir:
+        from coral.dataplane import closing_marker
+
+        with closing_marker(args.pin_dir) as mark:
+            serve(*_split(args.address), mark)
+    else:
+        serve(*_split(args.address))
     return 0
 
 

@@ -88,6 +88,15 @@ def from_vip(*, ip: Mapping[str, Any] | None = None, **tcp: Any) -> Packet:
     )
 
 
+def from_peer(**tcp: Any) -> Packet:
+    """A service -> client segment sent by the peer host to this one (copy or report)."""
+    return (
+        Ether(src=PEER_MAC, dst=HOST_MAC)
+        / IP(src=VIP, dst=CLIENT)
+        / TCP(**{"sport": PORT, "dport": 40000, **tcp})
+    )
+
+
 def raw_ip(dst: str, payload: bytes) -> bytes:
     """Ethernet + an IPv4 packet with arbitrary bytes as TCP payload."""
     return bytes(Ether(src=CLIENT_MAC, dst=HOST_MAC) / IP(src=CLIENT, dst=dst, proto=6) / payload)
@@ -187,9 +196,10 @@ TC_ROWS = [
 ]
 
 ADOPT_ROWS = [
-    Row("backup duplex: reply suppressed", REPLY, OUT, STOLEN, R.DROP_BACKUP_SUPPRESSED, BACKUP),
-    Row("backup duplex: rst suppressed", bytes(from_vip(flags="R")), OUT, STOLEN,
-        R.DROP_BACKUP_SUPPRESSED, BACKUP),
+    # Connections the backup does not track (served by it alone): untouched.
+    Row("backup duplex: reply of untracked connection", REPLY, OUT, OK, R.PASS_SERVICE, BACKUP),
+    Row("backup duplex: rst of untracked connection", bytes(from_vip(flags="R")), OUT, OK,
+        R.PASS_SERVICE, BACKUP),
     Row("backup simplex: reply passes", REPLY, OUT, OK, R.PASS_SERVICE, BACKUP_SIMPLEX),
     Row("primary: reply passes", REPLY, OUT, OK, R.PASS_SERVICE),
     Row("backup fenced: fenced first", REPLY, OUT, SHOT, R.DROP_FENCED, BACKUP_FENCED),
@@ -198,9 +208,14 @@ ADOPT_ROWS = [
     Row("backup: ack of unknown connection", bytes(to_vip(flags="A")), IN, OK, R.PASS_SERVICE,
         BACKUP),
     Row("backup: rst passes", bytes(to_vip(flags="R")), IN, OK, R.PASS_SERVICE, BACKUP),
-    Row("backup: syn-ack, no held syn", bytes(from_vip(flags="SA")), IN, SHOT,
+    Row("backup: syn-ack copy, no held syn", bytes(from_peer(flags="SA")), IN, SHOT,
         R.DROP_SYNACK_COPY, BACKUP),
-    Row("primary: syn-ack is not ours", bytes(from_vip(flags="SA")), IN, OK, R.PASS_OTHER),
+    Row("backup: from the vip, not from the peer", bytes(from_vip(flags="SA")), IN, SHOT,
+        R.DROP_PEER_STRAY, BACKUP),
+    Row("primary: report for an untracked connection", bytes(from_peer(flags="A")), IN, SHOT,
+        R.DROP_PEER_STRAY),
+    Row("primary: from the vip, not from the peer", bytes(from_vip(flags="SA")), IN, SHOT,
+        R.DROP_PEER_STRAY),
     Row("backup: malformed to vip", bytes(to_vip(dataofs=3)), IN, SHOT, R.DROP_TCP_BAD_DOFF,
         BACKUP),
 ]
@@ -231,6 +246,10 @@ def loaded() -> Iterator[Loaded]:
 
 
 def configure(maps: CoralMaps, cfg: Config) -> None:
+    """Exactly one service and no connection state: every row starts alike."""
+    for table in (maps.conns, maps.handshakes):
+        for ckey, _ in list(table.items()):
+            table.delete(ckey)
     for skey, _ in list(maps.services.items()):
         maps.services.delete(skey)
     for vkey, _ in list(maps.vips.items()):

@@ -36,23 +36,38 @@ class Reason(IntEnum):
     PASS_SERVICE = 2
     PASS_VIP_ARP = 3
     PASS_ADOPTED = 4
-    DROP_FENCED = 5
-    DROP_LEASE_EXPIRED = 6
-    DROP_ARP_FENCED = 7
-    DROP_IP_TRUNCATED = 8
-    DROP_IP_BAD_VERSION = 9
-    DROP_IP_BAD_IHL = 10
-    DROP_IP_BAD_TOTLEN = 11
-    DROP_IP_FRAGMENT = 12
-    DROP_TCP_TRUNCATED = 13
-    DROP_TCP_BAD_DOFF = 14
-    DROP_SYN_HELD = 15
-    DROP_SYNACK_COPY = 16
-    DROP_HANDSHAKE_PENDING = 17
-    DROP_ADOPT_MISMATCH = 18
-    DROP_ADOPT_NO_LISTENER = 19
-    DROP_ADOPT_FAILED = 20
-    DROP_BACKUP_SUPPRESSED = 21
+    PASS_CLONED = 5
+    PASS_SIMPLEX_FULL = 6
+    PASS_BACKUP_REPORT = 7
+    PASS_FAKE_ACK = 8
+    PASS_CLAMPED = 9
+    PASS_RAISED_ACK = 10
+    PASS_CRAFTED = 11
+    PASS_CLOSE = 12
+    PASS_FIN_STRIPPED = 13
+    DROP_FENCED = 14
+    DROP_LEASE_EXPIRED = 15
+    DROP_ARP_FENCED = 16
+    DROP_IP_TRUNCATED = 17
+    DROP_IP_BAD_VERSION = 18
+    DROP_IP_BAD_IHL = 19
+    DROP_IP_BAD_TOTLEN = 20
+    DROP_IP_FRAGMENT = 21
+    DROP_TCP_TRUNCATED = 22
+    DROP_TCP_BAD_DOFF = 23
+    DROP_SYN_HELD = 24
+    DROP_SYNACK_COPY = 25
+    DROP_HANDSHAKE_PENDING = 26
+    DROP_ADOPT_MISMATCH = 27
+    DROP_ADOPT_NO_LISTENER = 28
+    DROP_ADOPT_FAILED = 29
+    DROP_UNMARKED_CLOSE = 30
+    DROP_REPORT_CONSUMED = 31
+    DROP_PEER_STRAY = 32
+    DROP_CONN_TABLE_FULL = 33
+    DROP_REWRITE_FAILED = 34
+    DROP_COPY_FAILED = 35
+    DROP_LOOP_STALE = 36
 
     @property
     def is_drop(self) -> bool:
@@ -77,8 +92,7 @@ class Role(IntEnum):
 class ConnFlag(IntFlag):
     """enum coral_conn_flag (CORAL_CONN_*): bits of ConnState.flags."""
 
-    CLOSING = 1 << 0
-    BACKUP_SEEN = 1 << 1
+    BACKUP_SEEN = 1 << 0
 
 
 class SynOpt(IntFlag):
@@ -199,6 +213,8 @@ class ConnState(CStruct):
         ("backup_sack", SackBlock * 3),
         ("client_mac", u8 * 6),
         ("pad", u16),
+        ("primary_tsval", u32),
+        ("primary_tsecr", u32),
         ("backup_snd_nxt", u32),
         ("client_ack", u32),
         ("delivered_ack", u32),

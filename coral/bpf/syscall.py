@@ -156,6 +156,23 @@ def mount_bpffs(path: str) -> None:
         raise OSError(err, f"mount bpffs at {path}: {os.strerror(err)}")
 
 
+BPF_FS_MAGIC = 0xCAFE4A11
+
+
+def is_bpffs(path: str) -> bool:
+    """Whether PATH (or, if it does not exist yet, its nearest existing
+    parent, where it would be created) is on a BPF filesystem: pins
+    anywhere else fail, and only with a vague EPERM."""
+    probe = os.path.abspath(path)
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    buf = ctypes.create_string_buffer(256)  # struct statfs; f_type comes first
+    if _libc.statfs(os.fsencode(probe), buf) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"statfs {probe}: {os.strerror(err)}")
+    return ctypes.c_long.from_buffer(buf).value == BPF_FS_MAGIC
+
+
 def unmount(path: str) -> None:
     """Detach the filesystem at PATH (lazily: open fds keep their maps)."""
     mnt_detach = 2

@@ -42,7 +42,7 @@ def attach(ifname: str, prog_fd: int, name: str, hook: Hook, *, netns: str | Non
     """Run program PROG_FD (shown as NAME) in direct-action mode on HOOK of
     IFNAME, in network namespace NETNS (None: the current one). Adds the
     clsact qdisc if missing; replaces a previous coral filter on that hook."""
-    with IPRoute(netns=netns) as ipr:
+    with IPRoute(netns=netns, flags=0) as ipr:
         idx = _index(ipr, ifname)
         try:
             ipr.tc("add", "clsact", idx)
@@ -68,7 +68,7 @@ def detach(ifname: str, hook: Hook | None = None, *, netns: str | None = None) -
     """Remove coral's filter from HOOK of IFNAME (both hooks if None).
     Missing filters, clsact or interface are not errors: detaching is how
     cleanup starts, after any failure."""
-    with IPRoute(netns=netns) as ipr:
+    with IPRoute(netns=netns, flags=0) as ipr:
         found = ipr.link_lookup(ifname=ifname)
         if not found:
             return
@@ -90,7 +90,7 @@ def detach(ifname: str, hook: Hook | None = None, *, netns: str | None = None) -
 
 def attached(ifname: str, hook: Hook, *, netns: str | None = None) -> list[str]:
     """Names of the BPF programs filtering HOOK of IFNAME (for status and tests)."""
-    with IPRoute(netns=netns) as ipr:
+    with IPRoute(netns=netns, flags=0) as ipr:
         idx = _index(ipr, ifname)
         try:
             filters = ipr.get_filters(index=idx, parent=hook.value)

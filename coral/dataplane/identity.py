@@ -41,7 +41,7 @@ def get_sysctl(ns: str | None, name: str) -> str:
 
 
 def _link_attr(ns: str | None, ifname: str, attr: str) -> object:
-    with IPRoute(netns=ns) if ns else IPRoute() as ipr:
+    with IPRoute(netns=ns, flags=0) if ns else IPRoute() as ipr:
         idx = ipr.link_lookup(ifname=ifname)
         if not idx:
             raise LookupError(f"no interface {ifname!r}")
@@ -78,7 +78,7 @@ def remove_vip(ns: str | None, vip: str, lan_if: str) -> None:
 
 def _addr(ns: str | None, op: str, vip: str, ifname: str) -> None:
     ipaddress.IPv4Address(vip)  # a clear error for a bad address
-    with IPRoute(netns=ns) if ns else IPRoute() as ipr:
+    with IPRoute(netns=ns, flags=0) if ns else IPRoute() as ipr:
         idx = ipr.link_lookup(ifname=ifname)
         if not idx:
             raise LookupError(f"no interface {ifname!r}")

@@ -1,0 +1,214 @@
+/* SPDX-License-Identifier: GPL-2.0 */
+/* The backup's paths (docs/design.md, "Packet paths in duplex", 1-6).
+ *
+ * The backup owns the VIP: every client packet reaches it first. In duplex
+ * it copies each one to the primary, keeps its own kernel's connection in
+ * step (adoption, acknowledgements clamped to what it has sent, fake ACKs),
+ * and turns its own segments into reports for the primary instead of
+ * sending them to the client.
+ */
+#ifndef CORAL_BACKUP_H
+#define CORAL_BACKUP_H
+
+#include "coral_adopt.h"
+
+/* A new connection's SYN in duplex: reserve its place in coral_conns (when
+ * the table is full the backup serves the connection alone), record the
+ * SYN's options, copy it to the primary and hold it back. */
+static __always_inline enum coral_reason coral_backup_syn(struct __sk_buff *skb,
+							  struct coral_pkt *pkt,
+							  const struct coral_service *svc,
+							  const struct coral_conn_key *key,
+							  const struct coral_seg *seg, bool known)
+{
+	if (!known) {
+		struct coral_conn_state init = {
+			.mode = CORAL_MODE_DUPLEX,
+			.client_isn = seg->seq,
+			.last_ns = bpf_ktime_get_ns(),
+		};
+
+		if (bpf_map_update_elem(&coral_conns, key, &init, BPF_NOEXIST))
+			return CORAL_PASS_SIMPLEX_FULL;
+	}
+	coral_hold_syn(skb, pkt);
+	if (coral_copy_to_peer(skb, svc->state, seg))
+		return CORAL_DROP_COPY_FAILED;
+	return CORAL_DROP_SYN_HELD;
+}
+
+/* Let the backup's kernel see at most the acknowledgement of what it has
+ * sent: Linux discards a segment acknowledging unsent data, payload and
+ * all. The client's real acknowledgement is kept for the fake ACK. */
+static __always_inline int coral_backup_clamp_in(struct __sk_buff *skb, const struct coral_pkt *pkt,
+						 struct coral_conn_state *c,
+						 const struct coral_seg *seg)
+{
+	__u32 deliver = seg->ack;
+
+	if (!seg->has_ack || !c->backup_snd_nxt)
+		return 0;
+	if (!c->client_ack || coral_after(seg->ack, c->client_ack))
+		c->client_ack = seg->ack;
+	c->client_win = seg->win;
+	if (seg->opts.has_ts) {
+		c->client_tsval = seg->opts.tsval;
+		c->client_tsecr = seg->opts.tsecr;
+	}
+	if (coral_after(deliver, c->backup_snd_nxt))
+		deliver = c->backup_snd_nxt;
+	if (!c->delivered_ack || coral_after(deliver, c->delivered_ack))
+		c->delivered_ack = deliver;
+	if (deliver == seg->ack)
+		return 0;
+	return coral_tcp_store_u32(skb, pkt->l4_off, CORAL_TCP_ACK_OFF, bpf_htonl(seg->ack),
+				   bpf_htonl(deliver));
+}
+
+/* Client -> service on the backup. */
+static __always_inline enum coral_reason coral_backup_in(struct __sk_buff *skb,
+							 struct coral_pkt *pkt,
+							 const struct coral_service *svc)
+{
+	struct coral_handshake *hs;
+	struct coral_conn_state *c;
+	struct coral_conn_key key;
+	struct coral_seg seg;
+	enum coral_reason r;
+	__u8 mode;
+
+	coral_key_in(pkt, &key);
+	if (coral_read_seg(skb, pkt, &seg))
+		return CORAL_DROP_REWRITE_FAILED;
+	c = bpf_map_lookup_elem(&coral_conns, &key);
+	if (seg.syn && !seg.has_ack && svc->state->mode == CORAL_MODE_DUPLEX &&
+	    (!c || c->mode == CORAL_MODE_DUPLEX))
+		return coral_backup_syn(skb, pkt, svc, &key, &seg, c != NULL);
+	if (!c)
+		return CORAL_PASS_SERVICE; /* served by this host alone, or a stray */
+	c->last_ns = bpf_ktime_get_ns();
+	mode = coral_conn_mode(svc->state, c);
+	if (mode == CORAL_MODE_DUPLEX) {
+		/* Until the primary's SYN-ACK is known, nothing passes in either
+		 * direction: the primary retransmits its SYN-ACK (and its copy),
+		 * the client its segment. */
+		hs = bpf_map_lookup_elem(&coral_handshakes, &key);
+		if (hs && !hs->synack_ns)
+			return CORAL_DROP_HANDSHAKE_PENDING;
+		if (coral_copy_to_peer(skb, svc->state, &seg))
+			return CORAL_DROP_COPY_FAILED;
+		if (coral_parse_ipv4_tcp(skb, pkt) != CORAL_CONTINUE)
+			return CORAL_DROP_REWRITE_FAILED;
+		if (hs && !seg.rst) {
+			r = coral_adopt(skb, pkt);
+			if (r != CORAL_CONTINUE)
+				return r;
+		}
+	}
+	if (seg.rst)
+		return CORAL_PASS_SERVICE;
+	if (coral_backup_clamp_in(skb, pkt, c, &seg))
+		return CORAL_DROP_REWRITE_FAILED;
+	return mode == CORAL_MODE_DUPLEX ? CORAL_PASS_CLONED : CORAL_PASS_SERVICE;
+}
+
+/* The primary's SYN-ACK, copied to the backup: the handshake record and the
+ * connection's sequence anchors. */
+static __always_inline enum coral_reason coral_backup_synack(struct __sk_buff *skb,
+							     const struct coral_pkt *pkt)
+{
+	struct coral_conn_state *c;
+	struct coral_conn_key key;
+	__u32 next = bpf_ntohl(pkt->tcp->seq) + 1;
+
+	coral_key_out(pkt, &key);
+	c = bpf_map_lookup_elem(&coral_conns, &key);
+	if (c) {
+		c->primary_isn = next - 1;
+		c->backup_snd_nxt = next;
+		c->delivered_ack = next;
+		c->rcv_wscale = coral_synack_wscale(skb, pkt);
+	}
+	return coral_record_synack(skb, pkt);
+}
+
+/* A copy of the backup's own segment, looped back to its ingress by
+ * coral_backup_out: rewrite it into the client's acknowledgement of what
+ * the backup has now sent (CoRAL's fake ack) and deliver it. */
+static __always_inline enum coral_reason coral_backup_fake_ack(struct __sk_buff *skb,
+							       const struct coral_pkt *pkt,
+							       const struct coral_service *svc)
+{
+	struct coral_ack_spec spec = {};
+	struct coral_conn_state *c;
+	struct coral_conn_key key;
+	__u32 ack;
+
+	coral_key_out(pkt, &key);
+	c = bpf_map_lookup_elem(&coral_conns, &key);
+	if (!c)
+		return CORAL_DROP_PEER_STRAY;
+	ack = coral_seq_min(c->client_ack, c->backup_snd_nxt);
+	if (!coral_after(ack, c->delivered_ack))
+		return CORAL_DROP_LOOP_STALE;
+	spec.saddr = pkt->ip->daddr;
+	spec.daddr = pkt->ip->saddr;
+	spec.sport = pkt->tcp->dest;
+	spec.dport = pkt->tcp->source;
+	/* The backup's own acknowledgement is the client's next sequence
+	 * number as the backup knows it. */
+	spec.seq = bpf_ntohl(pkt->tcp->ack_seq);
+	spec.ack = ack;
+	spec.win = c->client_win;
+	spec.has_ts = c->client_tsval || c->client_tsecr;
+	spec.tsval = c->client_tsval;
+	spec.tsecr = c->client_tsecr;
+	if (coral_craft_ack(skb, &spec, svc->state->own_mac, svc->state->own_mac))
+		return CORAL_DROP_REWRITE_FAILED;
+	c->delivered_ack = ack;
+	return CORAL_PASS_FAKE_ACK;
+}
+
+/* Service -> client on the backup: returns the tc action (it counts). */
+static __always_inline int coral_backup_out(struct __sk_buff *skb, const struct coral_pkt *pkt,
+					    const struct coral_service *svc)
+{
+	const struct coral_service_state *s = svc->state;
+	struct coral_conn_state *c;
+	struct coral_conn_key key;
+	struct coral_seg seg;
+	enum coral_reason r;
+	bool lag;
+
+	coral_key_out(pkt, &key);
+	c = bpf_map_lookup_elem(&coral_conns, &key);
+	if (!c)
+		return coral_verdict(skb, CORAL_PASS_SERVICE);
+	if (coral_read_seg(skb, pkt, &seg))
+		return coral_verdict(skb, CORAL_DROP_REWRITE_FAILED);
+	c->last_ns = bpf_ktime_get_ns();
+	if (!c->backup_snd_nxt || coral_after(seg.end, c->backup_snd_nxt))
+		c->backup_snd_nxt = seg.end;
+	/* The client already acknowledged bytes the backup only now sent:
+	 * loop a copy back to be turned into that acknowledgement. Source and
+	 * destination MAC are both ours: the mark of a looped copy, and the
+	 * stack takes it as addressed to this host. */
+	lag = c->delivered_ack && coral_after(c->client_ack, c->delivered_ack) &&
+	      coral_after(c->backup_snd_nxt, c->delivered_ack);
+	if (lag && (coral_store_macs(skb, s->own_mac, s->own_mac) ||
+		    bpf_clone_redirect(skb, skb->ifindex, BPF_F_INGRESS)))
+		return coral_verdict(skb, CORAL_DROP_COPY_FAILED);
+
+	if (coral_conn_mode(s, c) == CORAL_MODE_DUPLEX) {
+		/* Never to the client: to the primary, as this host's report. */
+		if (coral_store_macs(skb, s->peer_mac, s->own_mac))
+			return coral_verdict(skb, CORAL_DROP_REWRITE_FAILED);
+		return coral_verdict(skb, CORAL_PASS_BACKUP_REPORT);
+	}
+	if (lag && coral_store_macs(skb, seg.eth_dst, seg.eth_src))
+		return coral_verdict(skb, CORAL_DROP_REWRITE_FAILED);
+	r = coral_close_policy(skb, pkt, &key, &seg);
+	return coral_verdict(skb, r == CORAL_CONTINUE ? CORAL_PASS_SERVICE : r);
+}
+
+#endif /* CORAL_BACKUP_H */

@@ -1,0 +1,246 @@
+/* SPDX-License-Identifier: GPL-2.0 */
+/* The primary's paths (docs/design.md, "Packet paths in duplex", 2, 7, 8).
+ *
+ * The primary does the work and talks to the client directly, but in
+ * duplex it never acknowledges a client byte the backup's kernel does not
+ * hold: acknowledgement, window and SACK blocks are clamped to the backup's
+ * reports, and a report that raises the clamp is sent to the client at once
+ * as an ACK.
+ */
+#ifndef CORAL_PRIMARY_H
+#define CORAL_PRIMARY_H
+
+#include "coral_repl.h"
+
+/* Client -> service on the primary (copies from the backup in duplex,
+ * straight from the router when this host owns the VIP alone). */
+static __always_inline enum coral_reason coral_primary_in(const struct coral_pkt *pkt,
+							  const struct coral_service *svc)
+{
+	struct coral_conn_state *c;
+	struct coral_conn_key key;
+
+	coral_key_in(pkt, &key);
+	c = bpf_map_lookup_elem(&coral_conns, &key);
+	if (c) {
+		c->last_ns = bpf_ktime_get_ns();
+		return CORAL_PASS_SERVICE;
+	}
+	if (pkt->tcp->syn && !pkt->tcp->ack && svc->state->mode == CORAL_MODE_DUPLEX) {
+		struct coral_conn_state init = {
+			.mode = CORAL_MODE_DUPLEX,
+			.client_isn = bpf_ntohl(pkt->tcp->seq),
+			.last_ns = bpf_ktime_get_ns(),
+		};
+
+		if (bpf_map_update_elem(&coral_conns, &key, &init, BPF_NOEXIST))
+			return CORAL_DROP_CONN_TABLE_FULL;
+	}
+	return CORAL_PASS_SERVICE;
+}
+
+/* The window to advertise with acknowledgement ACK: the right edge never
+ * beyond the backup's (nor the primary's own). */
+static __always_inline __u16 coral_clamped_win(const struct coral_conn_state *c, __u32 ack)
+{
+	__u32 edge = c->primary_ack + c->primary_win;
+	__u32 win;
+
+	if (c->flags & CORAL_CONN_BACKUP_SEEN)
+		edge = coral_seq_min(edge, c->backup_ack + c->backup_win);
+	if (!coral_after(edge, ack))
+		return 0;
+	win = (edge - ack) >> c->rcv_wscale;
+	return win > 0xffff ? 0xffff : win;
+}
+
+/* Does the backup hold every byte of SACK block B? */
+static __always_inline bool coral_backup_holds(const struct coral_conn_state *c,
+					       const struct coral_sack_block *b)
+{
+	int i;
+
+	if (!coral_after(b->end, c->backup_ack))
+		return true;
+	for (i = 0; i < 3; i++) {
+		const struct coral_sack_block *h = &c->backup_sack[i];
+
+		if (h->start != h->end && !coral_after(h->start, b->start) &&
+		    !coral_after(b->end, h->end))
+			return true;
+	}
+	return false;
+}
+
+/* Replace the SACK option with NOPs (the client must not take a SACKed
+ * segment as safe when the backup lacks it: it would never resend it). */
+static __always_inline int coral_blank_sack(struct __sk_buff *skb, const struct coral_pkt *pkt,
+					    const struct coral_seg *seg)
+{
+	__u8 old[TCP_OPTIONS_MAX], new[TCP_OPTIONS_MAX];
+	__u32 len = pkt->tcp_hlen - sizeof(struct tcphdr);
+	__u32 off = pkt->l4_off + sizeof(struct tcphdr);
+	__u32 i, start = seg->opts.sack_off, stop = start + seg->opts.sack_len;
+	__s64 diff;
+
+	if (len == 0 || len > TCP_OPTIONS_MAX || (len & 3))
+		return -1;
+	if (bpf_skb_load_bytes(skb, off, old, len))
+		return -1;
+	for (i = 0; i < TCP_OPTIONS_MAX; i++)
+		new[i] = (i >= start && i < stop) ? TCPOPT_NOP : old[i];
+	diff = bpf_csum_diff((__be32 *)old, len, (__be32 *)new, len, 0);
+	if (diff < 0)
+		return -1;
+	if (bpf_l4_csum_replace(skb, pkt->l4_off + CORAL_TCP_CSUM_OFF, 0, diff, 0))
+		return -1;
+	return bpf_skb_store_bytes(skb, off, new, len, 0);
+}
+
+/* Clamp a segment to the client: acknowledgement, window, SACK. */
+static __always_inline int coral_primary_clamp(struct __sk_buff *skb, const struct coral_pkt *pkt,
+					       struct coral_conn_state *c,
+					       const struct coral_seg *seg)
+{
+	__u32 limit = c->flags & CORAL_CONN_BACKUP_SEEN ? c->backup_ack : c->client_isn + 1;
+	__u32 ack = coral_after(seg->ack, limit) ? limit : seg->ack;
+	__u16 win = coral_clamped_win(c, ack);
+	int i;
+
+	if (ack != seg->ack &&
+	    coral_tcp_store_u32(skb, pkt->l4_off, CORAL_TCP_ACK_OFF, bpf_htonl(seg->ack),
+				bpf_htonl(ack)))
+		return -1;
+	if (win < seg->win &&
+	    coral_tcp_store_u16(skb, pkt->l4_off, CORAL_TCP_WIN_OFF, bpf_htons(seg->win),
+				bpf_htons(win)))
+		return -1;
+	for (i = 0; i < 4; i++) {
+		if (i >= seg->opts.sack_n)
+			break;
+		if (!coral_backup_holds(c, &seg->opts.sack[i]))
+			return coral_blank_sack(skb, pkt, seg);
+	}
+	if (coral_after(ack, c->acked_to_client))
+		c->acked_to_client = ack;
+	return 0;
+}
+
+/* Service -> client on the primary: returns the tc action (it counts). */
+static __always_inline int coral_primary_out(struct __sk_buff *skb, const struct coral_pkt *pkt,
+					     const struct coral_service *svc)
+{
+	const struct coral_service_state *s = svc->state;
+	struct coral_conn_state *c;
+	struct coral_conn_key key;
+	enum coral_reason close;
+	struct coral_seg seg;
+	__u8 mode;
+
+	if (skb->mark == CORAL_MARK_CRAFTED) {
+		skb->mark = 0;
+		return coral_verdict(skb, CORAL_PASS_CRAFTED);
+	}
+	coral_key_out(pkt, &key);
+	c = bpf_map_lookup_elem(&coral_conns, &key);
+	if (!c)
+		return coral_verdict(skb, CORAL_PASS_SERVICE);
+	if (coral_read_seg(skb, pkt, &seg))
+		return coral_verdict(skb, CORAL_DROP_REWRITE_FAILED);
+	if (coral_mac_eq(seg.eth_dst, s->peer_mac))
+		return coral_verdict(skb, CORAL_PASS_CRAFTED); /* our copy for the backup */
+	c->last_ns = bpf_ktime_get_ns();
+	mode = coral_conn_mode(s, c);
+	__builtin_memcpy(c->client_mac, seg.eth_dst, ETH_ALEN);
+
+	if (seg.syn) {
+		c->primary_isn = seg.seq;
+		c->primary_snd_nxt = seg.seq + 1;
+		c->primary_ack = seg.ack;
+		c->primary_win = seg.win; /* never scaled on a SYN */
+		c->acked_to_client = seg.ack;
+		c->rcv_wscale = coral_synack_wscale(skb, pkt);
+		if (mode == CORAL_MODE_DUPLEX && coral_copy_to_peer(skb, s, &seg))
+			return coral_verdict(skb, CORAL_DROP_COPY_FAILED);
+		return coral_verdict(skb, CORAL_PASS_SERVICE);
+	}
+	close = coral_close_policy(skb, pkt, &key, &seg);
+	if (coral_reason_is_drop(close))
+		return coral_verdict(skb, close);
+	if (coral_after(seg.end, c->primary_snd_nxt))
+		c->primary_snd_nxt = seg.end;
+	if (seg.has_ack) {
+		c->primary_ack = seg.ack;
+		c->primary_win = (__u32)seg.win << c->rcv_wscale;
+	}
+	if (seg.opts.has_ts) {
+		c->primary_tsval = seg.opts.tsval;
+		c->primary_tsecr = seg.opts.tsecr;
+	}
+	if (mode != CORAL_MODE_DUPLEX)
+		return coral_verdict(skb, close == CORAL_CONTINUE ? CORAL_PASS_SERVICE : close);
+	if (seg.has_ack && coral_primary_clamp(skb, pkt, c, &seg))
+		return coral_verdict(skb, CORAL_DROP_REWRITE_FAILED);
+	return coral_verdict(skb, close == CORAL_CONTINUE ? CORAL_PASS_CLAMPED : close);
+}
+
+/* A report from the backup (its own segment, suppressed and redirected to
+ * us): take its acknowledgement, window and SACK blocks; if the clamp rose
+ * above what the client was last told, turn the report into that ACK and
+ * send it to the client now. Returns the tc action (it counts). */
+static __always_inline int coral_primary_report(struct __sk_buff *skb, const struct coral_pkt *pkt,
+						const struct coral_service *svc)
+{
+	const struct coral_service_state *s = svc->state;
+	struct coral_ack_spec spec = {};
+	struct coral_conn_state *c;
+	struct coral_conn_key key;
+	struct coral_seg seg;
+	__u32 clamp;
+	int i;
+
+	coral_key_out(pkt, &key);
+	c = bpf_map_lookup_elem(&coral_conns, &key);
+	if (!c)
+		return coral_verdict(skb, CORAL_DROP_PEER_STRAY);
+	if (coral_read_seg(skb, pkt, &seg))
+		return coral_verdict(skb, CORAL_DROP_REWRITE_FAILED);
+	c->last_ns = bpf_ktime_get_ns();
+	if (!seg.has_ack || seg.syn)
+		return coral_verdict(skb, CORAL_DROP_REPORT_CONSUMED);
+	if (!(c->flags & CORAL_CONN_BACKUP_SEEN) || coral_after(seg.ack, c->backup_ack))
+		c->backup_ack = seg.ack;
+	c->backup_win = (__u32)seg.win << c->rcv_wscale;
+	c->flags |= CORAL_CONN_BACKUP_SEEN;
+	for (i = 0; i < 3; i++) {
+		if (i < seg.opts.sack_n) {
+			c->backup_sack[i] = seg.opts.sack[i];
+		} else {
+			c->backup_sack[i].start = 0;
+			c->backup_sack[i].end = 0;
+		}
+	}
+
+	clamp = coral_seq_min(c->primary_ack, c->backup_ack);
+	if (coral_conn_mode(s, c) != CORAL_MODE_DUPLEX || !coral_after(clamp, c->acked_to_client))
+		return coral_verdict(skb, CORAL_DROP_REPORT_CONSUMED);
+
+	spec.saddr = pkt->ip->saddr;
+	spec.daddr = pkt->ip->daddr;
+	spec.sport = pkt->tcp->source;
+	spec.dport = pkt->tcp->dest;
+	spec.seq = c->primary_snd_nxt;
+	spec.ack = clamp;
+	spec.win = coral_clamped_win(c, clamp);
+	spec.has_ts = seg.opts.has_ts;
+	spec.tsval = c->primary_tsval;
+	spec.tsecr = c->primary_tsecr;
+	if (coral_craft_ack(skb, &spec, c->client_mac, s->own_mac))
+		return coral_verdict(skb, CORAL_DROP_REWRITE_FAILED);
+	c->acked_to_client = clamp;
+	skb->mark = CORAL_MARK_CRAFTED;
+	coral_count(skb, CORAL_PASS_RAISED_ACK);
+	return bpf_redirect(skb->ifindex, 0);
+}
+
+#endif /* CORAL_PRIMARY_H */
