@@ -81,29 +81,37 @@ static __always_inline enum coral_reason coral_backup_in(struct __sk_buff *skb,
 	if (coral_read_seg(skb, pkt, &seg))
 		return CORAL_DROP_REWRITE_FAILED;
 	c = bpf_map_lookup_elem(&coral_conns, &key);
-	if (seg.syn && !seg.has_ack && svc->state->mode == CORAL_MODE_DUPLEX &&
-	    (!c || c->mode == CORAL_MODE_DUPLEX))
-		return coral_backup_syn(skb, pkt, svc, &key, &seg, c != NULL);
+	if (seg.syn && !seg.has_ack) {
+		if (svc->state->mode == CORAL_MODE_DUPLEX && (!c || c->mode == CORAL_MODE_DUPLEX))
+			return coral_backup_syn(skb, pkt, svc, &key, &seg, c != NULL);
+		/* Alone now: this host's stack answers the SYN itself, which
+		 * voids any replicated handshake half done for the 4-tuple. */
+		bpf_map_delete_elem(&coral_handshakes, &key);
+		bpf_map_delete_elem(&coral_conns, &key);
+		return CORAL_PASS_SERVICE;
+	}
 	if (!c)
 		return CORAL_PASS_SERVICE; /* served by this host alone, or a stray */
 	c->last_ns = bpf_ktime_get_ns();
 	mode = coral_conn_mode(svc->state, c);
+	hs = bpf_map_lookup_elem(&coral_handshakes, &key);
 	if (mode == CORAL_MODE_DUPLEX) {
 		/* Until the primary's SYN-ACK is known, nothing passes in either
 		 * direction: the primary retransmits its SYN-ACK (and its copy),
 		 * the client its segment. */
-		hs = bpf_map_lookup_elem(&coral_handshakes, &key);
 		if (hs && !hs->synack_ns)
 			return CORAL_DROP_HANDSHAKE_PENDING;
 		if (coral_copy_to_peer(skb, svc->state, &seg))
 			return CORAL_DROP_COPY_FAILED;
 		if (coral_parse_ipv4_tcp(skb, pkt) != CORAL_CONTINUE)
 			return CORAL_DROP_REWRITE_FAILED;
-		if (hs && !seg.rst) {
-			r = coral_adopt(skb, pkt);
-			if (r != CORAL_CONTINUE)
-				return r;
-		}
+	}
+	/* Adopt also when alone: a primary that died between its SYN-ACK and
+	 * the client's ACK leaves a client that believes it is connected. */
+	if (hs && hs->synack_ns && !seg.rst) {
+		r = coral_adopt(skb, pkt);
+		if (r != CORAL_CONTINUE)
+			return r;
 	}
 	if (seg.rst)
 		return CORAL_PASS_SERVICE;

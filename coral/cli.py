@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from coral import demo, loadclient, stream
+from coral import demo, loadclient, reqrep, stream
 from coral.dataplane import cli as datapath_cli
 from coral.lab import LabError
 from coral.lab import cli as lab_cli
@@ -19,6 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
     loadclient.add_parser(sub)
     demo.add_parser(sub)
     stream.add_parser(sub)
+    reqrep.add_parser(sub)
     datapath_cli.add_parser(sub)
     return parser
 

@@ -1,8 +1,10 @@
 """Attach BPF programs to an interface's clsact hooks, and detach them, over
 netlink (pyroute2): no tc(8) processes in steady state.
 
-Each hook gets one coral filter at a fixed priority and handle, placed first
-(lowest priority number) so coral's verdict precedes any other filter.
+Each hook gets one coral filter at a fixed priority and handle (PRIO), ahead
+of anything an operator adds at a higher number. Priorities below PRIO are
+kept for lab tooling that must see packets before coral does (loss
+injection on the receiving side: coral.lab.loss).
 Attaching again replaces that filter atomically (no window without a
 program: used for upgrades). The filter holds its own reference to the
 program; the loader may close its object afterwards.
@@ -19,7 +21,7 @@ from enum import StrEnum
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-PRIO = 1
+PRIO = 10
 HANDLE = 1
 _ETH_P_ALL = 0x0003
 
@@ -38,7 +40,9 @@ def _index(ipr: IPRoute, ifname: str) -> int:
     return int(found[0])
 
 
-def attach(ifname: str, prog_fd: int, name: str, hook: Hook, *, netns: str | None = None) -> None:
+def attach(
+    ifname: str, prog_fd: int, name: str, hook: Hook, *, netns: str | None = None, prio: int = PRIO
+) -> None:
     """Run program PROG_FD (shown as NAME) in direct-action mode on HOOK of
     IFNAME, in network namespace NETNS (None: the current one). Adds the
     clsact qdisc if missing; replaces a previous coral filter on that hook."""
@@ -57,15 +61,17 @@ def attach(ifname: str, prog_fd: int, name: str, hook: Hook, *, netns: str | Non
             fd=prog_fd,
             name=name,
             parent=hook.value,
-            prio=PRIO,
+            prio=prio,
             protocol=_ETH_P_ALL,
             classid=1,
             direct_action=True,
         )
 
 
-def detach(ifname: str, hook: Hook | None = None, *, netns: str | None = None) -> None:
-    """Remove coral's filter from HOOK of IFNAME (both hooks if None).
+def detach(
+    ifname: str, hook: Hook | None = None, *, netns: str | None = None, prio: int = PRIO
+) -> None:
+    """Remove coral's filter (or the one at PRIO) from HOOK of IFNAME (both hooks if None).
     Missing filters, clsact or interface are not errors: detaching is how
     cleanup starts, after any failure."""
     with IPRoute(netns=netns, flags=0) as ipr:
@@ -80,7 +86,7 @@ def detach(ifname: str, hook: Hook | None = None, *, netns: str | None = None) -
                     found[0],
                     HANDLE,
                     parent=h.value,
-                    prio=PRIO,
+                    prio=prio,
                     protocol=_ETH_P_ALL,
                 )
             except NetlinkError as e:

@@ -1,0 +1,118 @@
+"""A replicated pair in the lab: the data plane on primary and backup, one service.
+
+Stands in for the node agents (which come later) wherever the data plane is
+exercised on its own: tests, benchmarks. It configures identity and data
+plane on both hosts and, when told a host failed, performs the agent's
+takeover steps in the agent's order: the failed host's lease is gone
+(fenced) before the survivor goes simplex; a surviving primary then takes
+the VIP and announces it.
+
+Call order: Pair.up(lab) -> start(argv) for the service processes ->
+crash(host, mode) / take_over(survivor) -> close(). The lab owns the
+namespaces; close() only releases this process's data-plane handles (the
+lab's removal takes the rest).
+"""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from coral.bpf.structs import Mode, Role
+from coral.dataplane import DataPlane, identity, settings
+from coral.lab.lab import Lab
+from coral.lab.topology import LAN_IF, ROUTER_LAN_IP, SERVER_LAN_IPS, SERVICE_PORT, SERVICE_VIP
+
+HOSTS = ("primary", "backup")
+LEASE_S = 3600.0
+"""The stand-in agent never lets a lease lapse by itself; crash() fences instead."""
+
+
+def peer_of(host: str) -> str:
+    return "backup" if host == "primary" else "primary"
+
+
+@dataclass
+class Pair:
+    """Primary and backup of one lab, replicating VIP:PORT."""
+
+    lab: Lab
+    vip: str = SERVICE_VIP
+    port: int = SERVICE_PORT
+    planes: dict[str, DataPlane] = field(default_factory=dict)
+    procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
+
+    @classmethod
+    def up(cls, lab: Lab, vip: str = SERVICE_VIP, port: int = SERVICE_PORT) -> Pair:
+        """Data plane on both hosts, identity set, service duplex."""
+        pair = cls(lab, vip, port)
+        try:
+            pair._configure()
+        except BaseException:
+            pair.close()
+            raise
+        return pair
+
+    def pin_dir(self, host: str) -> Path:
+        return self.lab.bpffs / host
+
+    def _configure(self) -> None:
+        for host in HOSTS:
+            # No delayed ACKs toward clients: the primary's acknowledgement
+            # waits for the backup's, and neither should wait for a timer.
+            self.lab.run(
+                host,
+                ["ip", "route", "replace", "default", "via", ROUTER_LAN_IP, "dev", LAN_IF,
+                 "quickack", "1"],
+            )  # fmt: skip
+            self.pin_dir(host).mkdir(exist_ok=True)
+            plane = DataPlane.open(self.lab.namespace(host), LAN_IF, self.pin_dir(host))
+            self.planes[host] = plane
+            plane.attach()
+        self.planes["primary"].hide_vip(self.vip)
+        self.planes["backup"].claim_vip(self.vip)
+        for host, role in (("primary", Role.PRIMARY), ("backup", Role.BACKUP)):
+            peer = peer_of(host)
+            peer_mac = identity.mac_of(self.lab.namespace(peer), LAN_IF)
+            plane = self.planes[host]
+            plane.add_service(self.vip, self.port, role, SERVER_LAN_IPS[peer], peer_mac)
+            plane.renew_lease(1, LEASE_S)
+        for host in HOSTS:
+            peer = settings.read(self.lab.namespace(peer_of(host)), LAN_IF)
+            self.planes[host].set_mode(self.vip, self.port, Mode.DUPLEX, peer_settings=peer)
+
+    def start(self, argv: Callable[[str], list[str]]) -> None:
+        """Start the same service program on both hosts (ARGV(host) builds its command);
+        its output goes to service.log in the host's lab directory."""
+        for host in HOSTS:
+            with open(self.lab.dir / host / "service.log", "ab") as log:
+                self.procs.append(
+                    self.lab.popen(host, argv(host), stdout=log, stderr=subprocess.STDOUT)
+                )
+
+    def take_over(self, survivor: str) -> None:
+        """The survivor serves alone: one map write; a primary also takes the VIP."""
+        plane = self.planes[survivor]
+        plane.set_mode(self.vip, self.port, Mode.SIMPLEX)
+        if survivor == "primary":
+            plane.claim_vip(self.vip)
+            plane.gratuitous_arp(self.vip, count=3, spacing=0.01)
+
+    def crash(self, host: str, mode: str) -> None:
+        """Fail HOST (coral lab crash) and let its peer take over, as agents would."""
+        self.lab.crash(host, mode)
+        # A crashed host's agent stops renewing: its lease lapses. Fencing
+        # stands for that lapse, so the survivor never overlaps with it.
+        self.planes[host].fence()
+        self.take_over(peer_of(host))
+
+    def close(self) -> None:
+        for proc in self.procs:
+            proc.kill()
+            proc.wait()
+        for plane in self.planes.values():
+            plane.close()
+        self.procs.clear()
+        self.planes.clear()
