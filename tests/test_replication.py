@@ -327,3 +327,58 @@ def test_streams_survive_a_crash(pair: Pair, victim: str, mode: str, loss: float
     assert not bad, json.dumps(bad)[:2000]
     survivor = "backup" if victim == "primary" else "primary"
     assert pair.planes[survivor].mode(VIP, PORT) == Mode.SIMPLEX
+
+
+def send_syns(lab: Lab, client: str, count: int) -> None:
+    """COUNT SYNs to the service from CLIENT, from ports no socket owns (a flood)."""
+    from scapy.layers.inet import IP, TCP
+
+    src = lab.topo.address(client)
+
+    def flood() -> None:
+        with socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_TCP) as s:
+            for port in range(20000, 20000 + count):
+                packet = bytes(IP(src=src, dst=VIP) / TCP(sport=port, dport=PORT, flags="S"))
+                s.sendto(packet[20:], (VIP, 0))  # the kernel writes the IP header
+
+    netns.call_in_netns(lab.namespace(client), flood)
+
+
+def test_syn_flood_never_evicts_established_connections() -> None:
+    """With the connection table full, new connections are served by the backup alone
+    and counted; established replicated connections keep working."""
+    lab = Lab.up(fresh_name(), clients=2)
+    try:
+        pair = Pair.up(lab, capacity=8)
+        try:
+            conn, primary, backup = accept_both(pair, "client1")
+            with conn, primary, backup:
+                send_syns(lab, "client2", 50)
+                wait_for(
+                    lambda: pair.planes["backup"].counters()["PASS_SIMPLEX_FULL"].packets >= 40,
+                    5,
+                    "flood SYNs beyond the table served simplex",
+                    lambda: pair.planes["backup"].counters(),
+                )
+                established = (conn.getsockname()[1], VIP)
+                assert any(
+                    (c.client_port, c.vip) == established
+                    for c in pair.planes["backup"].connections()
+                ), "the established connection is still replicated"
+                conn.sendall(b"still here")
+                for server in (primary, backup):
+                    assert recv_exactly(server, 10) == b"still here"
+            # A new connection while the table is full: the backup alone serves it.
+            listener = listen(pair, "backup")
+            with listener:
+                late = connect(pair, "client1")
+                served, _ = listener.accept()
+                with late, served:
+                    late.sendall(b"ping")
+                    assert recv_exactly(served, 4) == b"ping"
+                    served.sendall(b"pong")
+                    assert recv_exactly(late, 4) == b"pong"
+        finally:
+            pair.close()
+    finally:
+        lab.down()

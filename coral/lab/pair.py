@@ -45,11 +45,13 @@ class Pair:
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
 
     @classmethod
-    def up(cls, lab: Lab, vip: str = SERVICE_VIP, port: int = SERVICE_PORT) -> Pair:
-        """Data plane on both hosts, identity set, service duplex."""
+    def up(
+        cls, lab: Lab, vip: str = SERVICE_VIP, port: int = SERVICE_PORT, capacity: int = 65536
+    ) -> Pair:
+        """Data plane on both hosts (CAPACITY replicated connections), service duplex."""
         pair = cls(lab, vip, port)
         try:
-            pair._configure()
+            pair._configure(capacity)
         except BaseException:
             pair.close()
             raise
@@ -58,7 +60,7 @@ class Pair:
     def pin_dir(self, host: str) -> Path:
         return self.lab.bpffs / host
 
-    def _configure(self) -> None:
+    def _configure(self, capacity: int) -> None:
         for host in HOSTS:
             # No delayed ACKs toward clients: the primary's acknowledgement
             # waits for the backup's, and neither should wait for a timer.
@@ -68,7 +70,9 @@ class Pair:
                  "quickack", "1"],
             )  # fmt: skip
             self.pin_dir(host).mkdir(exist_ok=True)
-            plane = DataPlane.open(self.lab.namespace(host), LAN_IF, self.pin_dir(host))
+            plane = DataPlane.open(
+                self.lab.namespace(host), LAN_IF, self.pin_dir(host), conn_capacity=capacity
+            )
             self.planes[host] = plane
             plane.attach()
         self.planes["primary"].hide_vip(self.vip)
