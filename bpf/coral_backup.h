@@ -19,16 +19,19 @@ static __always_inline enum coral_reason coral_backup_syn(struct __sk_buff *skb,
 							  struct coral_pkt *pkt,
 							  const struct coral_service *svc,
 							  const struct coral_conn_key *key,
-							  const struct coral_seg *seg, bool known)
+							  const struct coral_seg *seg,
+							  const struct coral_conn_state *c)
 {
-	if (!known) {
+	/* A retransmitted SYN keeps its entry; a new connection reusing a
+	 * tracked 4-tuple (after TIME_WAIT) starts afresh. */
+	if (!c || c->client_isn != seg->seq) {
 		struct coral_conn_state init = {
 			.mode = CORAL_MODE_DUPLEX,
 			.client_isn = seg->seq,
 			.last_ns = bpf_ktime_get_ns(),
 		};
 
-		if (bpf_map_update_elem(&coral_conns, key, &init, BPF_NOEXIST))
+		if (bpf_map_update_elem(&coral_conns, key, &init, c ? BPF_EXIST : BPF_NOEXIST))
 			return CORAL_PASS_SIMPLEX_FULL;
 	}
 	coral_hold_syn(skb, pkt);
@@ -48,12 +51,15 @@ static __always_inline int coral_backup_clamp_in(struct __sk_buff *skb, const st
 
 	if (!seg->has_ack || !c->backup_snd_nxt)
 		return 0;
-	if (!c->client_ack || coral_after(seg->ack, c->client_ack))
+	/* The latest acknowledgement and what came with it; a reordered older
+	 * segment changes nothing. */
+	if (!c->client_ack || !coral_after(c->client_ack, seg->ack)) {
 		c->client_ack = seg->ack;
-	c->client_win = seg->win;
-	if (seg->opts.has_ts) {
-		c->client_tsval = seg->opts.tsval;
-		c->client_tsecr = seg->opts.tsecr;
+		c->client_win = seg->win;
+		if (seg->opts.has_ts) {
+			c->client_tsval = seg->opts.tsval;
+			c->client_tsecr = seg->opts.tsecr;
+		}
 	}
 	if (coral_after(deliver, c->backup_snd_nxt))
 		deliver = c->backup_snd_nxt;
@@ -83,7 +89,7 @@ static __always_inline enum coral_reason coral_backup_in(struct __sk_buff *skb,
 	c = bpf_map_lookup_elem(&coral_conns, &key);
 	if (seg.syn && !seg.has_ack) {
 		if (svc->state->mode == CORAL_MODE_DUPLEX && (!c || c->mode == CORAL_MODE_DUPLEX))
-			return coral_backup_syn(skb, pkt, svc, &key, &seg, c != NULL);
+			return coral_backup_syn(skb, pkt, svc, &key, &seg, c);
 		/* Alone now: this host's stack answers the SYN itself, which
 		 * voids any replicated handshake half done for the 4-tuple. */
 		bpf_map_delete_elem(&coral_handshakes, &key);

@@ -105,7 +105,11 @@ static __always_inline enum coral_reason coral_classify(struct __sk_buff *skb, b
 		return coral_service_lookup(pkt, to_service, svc);
 	if (r == CORAL_PASS_OTHER || !pkt->ip)
 		return r;
-	if (coral_vip_lookup(to_service ? pkt->ip->daddr : pkt->ip->saddr))
+	/* At ingress a service address as source counts too: a broken frame
+	 * claiming to come from a VIP must not reach a stack that could
+	 * forward it. */
+	if (coral_vip_lookup(to_service ? pkt->ip->daddr : pkt->ip->saddr) ||
+	    (to_service && coral_vip_lookup(pkt->ip->saddr)))
 		return r;
 	return CORAL_PASS_OTHER;
 }

@@ -104,6 +104,7 @@ static __always_inline int coral_craft_ack(struct __sk_buff *skb, const struct c
 	/* Pseudo-header, then the header itself (there is no payload). */
 	pseudo = (__u64)spec->saddr + spec->daddr + bpf_htons(IPPROTO_TCP) + bpf_htons(tcp_len);
 	pseudo = (pseudo & 0xffffffff) + (pseudo >> 32);
+	pseudo = (pseudo & 0xffffffff) + (pseudo >> 32);
 	sum = bpf_csum_diff(0, 0, (__be32 *)&h, spec->has_ts ? sizeof(h) : sizeof(h.th),
 			   (__u32)pseudo);
 	if (sum < 0)

@@ -22,10 +22,12 @@ static __always_inline enum coral_reason coral_primary_in(const struct coral_pkt
 
 	coral_key_in(pkt, &key);
 	c = bpf_map_lookup_elem(&coral_conns, &key);
-	if (c) {
+	if (c && !(pkt->tcp->syn && !pkt->tcp->ack && c->client_isn != bpf_ntohl(pkt->tcp->seq))) {
 		c->last_ns = bpf_ktime_get_ns();
 		return CORAL_PASS_SERVICE;
 	}
+	/* A new connection, or a new one reusing a tracked 4-tuple (Linux
+	 * accepts a SYN on a TIME_WAIT socket's tuple): start afresh. */
 	if (pkt->tcp->syn && !pkt->tcp->ack && svc->state->mode == CORAL_MODE_DUPLEX) {
 		struct coral_conn_state init = {
 			.mode = CORAL_MODE_DUPLEX,
@@ -33,8 +35,10 @@ static __always_inline enum coral_reason coral_primary_in(const struct coral_pkt
 			.last_ns = bpf_ktime_get_ns(),
 		};
 
-		if (bpf_map_update_elem(&coral_conns, &key, &init, BPF_NOEXIST))
+		if (bpf_map_update_elem(&coral_conns, &key, &init, c ? BPF_EXIST : BPF_NOEXIST))
 			return CORAL_DROP_CONN_TABLE_FULL;
+	} else if (c) {
+		bpf_map_delete_elem(&coral_conns, &key); /* alone: the new one is not replicated */
 	}
 	return CORAL_PASS_SERVICE;
 }
@@ -72,27 +76,53 @@ static __always_inline bool coral_backup_holds(const struct coral_conn_state *c,
 	return false;
 }
 
-/* Replace the SACK option with NOPs (the client must not take a SACKed
- * segment as safe when the backup lacks it: it would never resend it). */
-static __always_inline int coral_blank_sack(struct __sk_buff *skb, const struct coral_pkt *pkt,
-					    const struct coral_seg *seg)
+/* Rewrite the SACK option to keep only the blocks in HELD (bit i: block
+ * i), blanking the rest with NOPs; with none held the whole option goes.
+ * The client must not take a SACKed segment as safe when the backup lacks
+ * it: it would never resend it, even after failover. */
+__attribute__((noinline)) int coral_trim_sack(struct __sk_buff *skb, __u32 l4_off, __u32 tcp_hlen,
+					     const struct coral_seg_opts *opts, __u32 held)
 {
-	__u8 old[TCP_OPTIONS_MAX], new[TCP_OPTIONS_MAX];
-	__u32 len = pkt->tcp_hlen - sizeof(struct tcphdr);
-	__u32 off = pkt->l4_off + sizeof(struct tcphdr);
-	__u32 i, start = seg->opts.sack_off, stop = start + seg->opts.sack_len;
+	/* A global function, verified once on its own: inlined into every
+	 * caller, its loops exceed the verifier's budget. */
+	__u8 old[64] = {}, new[64] = {};
+	__u32 len = tcp_hlen - sizeof(struct tcphdr);
+	__u32 off = l4_off + sizeof(struct tcphdr);
+	__u32 start, stop;
+	__u32 i, j, p, k = 0;
 	__s64 diff;
 
-	if (len == 0 || len > TCP_OPTIONS_MAX || (len & 3))
+	if (!opts)
 		return -1;
+	start = opts->sack_off;
+	stop = start + opts->sack_len;
+	if (len == 0 || len > TCP_OPTIONS_MAX || (len & 3) || stop > len)
+		return -1;
+	len = ((len - 4) & 0x3c) + 4; /* a no-op after the check: bounds the verifier sees */
 	if (bpf_skb_load_bytes(skb, off, old, len))
 		return -1;
 	for (i = 0; i < TCP_OPTIONS_MAX; i++)
 		new[i] = (i >= start && i < stop) ? TCPOPT_NOP : old[i];
+	for (i = 0; i < 4; i++)
+		k += (held >> i) & 1;
+	if (k) {
+		new[start & 63] = TCPOPT_SACK;
+		new[(start + 1) & 63] = 2 + 8 * k;
+		p = start + 2;
+		for (i = 0; i < 4; i++) {
+			if (!((held >> i) & 1))
+				continue;
+			for (j = 0; j < 4; j++) {
+				new[(p + j) & 63] = opts->sack[i].start >> (24 - 8 * j);
+				new[(p + 4 + j) & 63] = opts->sack[i].end >> (24 - 8 * j);
+			}
+			p += 8;
+		}
+	}
 	diff = bpf_csum_diff((__be32 *)old, len, (__be32 *)new, len, 0);
 	if (diff < 0)
 		return -1;
-	if (bpf_l4_csum_replace(skb, pkt->l4_off + CORAL_TCP_CSUM_OFF, 0, diff, 0))
+	if (bpf_l4_csum_replace(skb, l4_off + CORAL_TCP_CSUM_OFF, 0, diff, 0))
 		return -1;
 	return bpf_skb_store_bytes(skb, off, new, len, 0);
 }
@@ -105,6 +135,7 @@ static __always_inline int coral_primary_clamp(struct __sk_buff *skb, const stru
 	__u32 limit = c->flags & CORAL_CONN_BACKUP_SEEN ? c->backup_ack : c->client_isn + 1;
 	__u32 ack = coral_after(seg->ack, limit) ? limit : seg->ack;
 	__u16 win = coral_clamped_win(c, ack);
+	__u8 held = 0;
 	int i;
 
 	if (ack != seg->ack &&
@@ -118,9 +149,12 @@ static __always_inline int coral_primary_clamp(struct __sk_buff *skb, const stru
 	for (i = 0; i < 4; i++) {
 		if (i >= seg->opts.sack_n)
 			break;
-		if (!coral_backup_holds(c, &seg->opts.sack[i]))
-			return coral_blank_sack(skb, pkt, seg);
+		if (coral_backup_holds(c, &seg->opts.sack[i]))
+			held |= 1 << i;
 	}
+	if (held != (1 << seg->opts.sack_n) - 1 &&
+	    coral_trim_sack(skb, pkt->l4_off, pkt->tcp_hlen, &seg->opts, held))
+		return -1;
 	if (coral_after(ack, c->acked_to_client))
 		c->acked_to_client = ack;
 	return 0;
@@ -135,6 +169,7 @@ static __always_inline int coral_primary_out(struct __sk_buff *skb, const struct
 	struct coral_conn_key key;
 	enum coral_reason close;
 	struct coral_seg seg;
+	__u32 end;
 	__u8 mode;
 
 	if (skb->mark == CORAL_MARK_CRAFTED) {
@@ -167,8 +202,9 @@ static __always_inline int coral_primary_out(struct __sk_buff *skb, const struct
 	close = coral_close_policy(skb, pkt, &key, &seg);
 	if (coral_reason_is_drop(close))
 		return coral_verdict(skb, close);
-	if (coral_after(seg.end, c->primary_snd_nxt))
-		c->primary_snd_nxt = seg.end;
+	end = seg.end - (close == CORAL_PASS_FIN_STRIPPED); /* the FIN did not leave */
+	if (coral_after(end, c->primary_snd_nxt))
+		c->primary_snd_nxt = end;
 	if (seg.has_ack) {
 		c->primary_ack = seg.ack;
 		c->primary_win = (__u32)seg.win << c->rcv_wscale;
@@ -208,16 +244,18 @@ static __always_inline int coral_primary_report(struct __sk_buff *skb, const str
 	c->last_ns = bpf_ktime_get_ns();
 	if (!seg.has_ack || seg.syn)
 		return coral_verdict(skb, CORAL_DROP_REPORT_CONSUMED);
-	if (!(c->flags & CORAL_CONN_BACKUP_SEEN) || coral_after(seg.ack, c->backup_ack))
+	/* A report older than the latest (reordered) changes nothing. */
+	if (!(c->flags & CORAL_CONN_BACKUP_SEEN) || !coral_after(c->backup_ack, seg.ack)) {
 		c->backup_ack = seg.ack;
-	c->backup_win = (__u32)seg.win << c->rcv_wscale;
-	c->flags |= CORAL_CONN_BACKUP_SEEN;
-	for (i = 0; i < 3; i++) {
-		if (i < seg.opts.sack_n) {
-			c->backup_sack[i] = seg.opts.sack[i];
-		} else {
-			c->backup_sack[i].start = 0;
-			c->backup_sack[i].end = 0;
+		c->backup_win = (__u32)seg.win << c->rcv_wscale;
+		c->flags |= CORAL_CONN_BACKUP_SEEN;
+		for (i = 0; i < 3; i++) {
+			if (i < seg.opts.sack_n) {
+				c->backup_sack[i] = seg.opts.sack[i];
+			} else {
+				c->backup_sack[i].start = 0;
+				c->backup_sack[i].end = 0;
+			}
 		}
 	}
 
@@ -232,7 +270,7 @@ static __always_inline int coral_primary_report(struct __sk_buff *skb, const str
 	spec.seq = c->primary_snd_nxt;
 	spec.ack = clamp;
 	spec.win = coral_clamped_win(c, clamp);
-	spec.has_ts = seg.opts.has_ts;
+	spec.has_ts = c->primary_tsval || c->primary_tsecr;
 	spec.tsval = c->primary_tsval;
 	spec.tsecr = c->primary_tsecr;
 	if (coral_craft_ack(skb, &spec, c->client_mac, s->own_mac))
