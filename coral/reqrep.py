@@ -28,7 +28,7 @@ import sys
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from coral import stream
 
@@ -76,8 +76,7 @@ class _ServerConn(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
+        self._transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
 
     def data_received(self, data: bytes) -> None:
         assert self._transport is not None
@@ -122,6 +121,7 @@ async def _serve(srv: socket.socket, mark_closing: MarkClosing | None) -> None:
 
 def serve(srv: socket.socket, mark_closing: MarkClosing | None = None) -> None:
     """Serve requests on the listening socket SRV forever."""
+    reply_bytes(1, 0)  # builds the pattern now, not during the first request
     _run_loop(_serve(srv, mark_closing))
 
 
@@ -250,8 +250,7 @@ class _ClientConn(asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
+        self._transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
         self._send_next()
 
     def _arm(self, why: str) -> None:
@@ -339,6 +338,7 @@ async def _slot(run: _Run) -> None:
 async def run_reqrep(cfg: ReqRepConfig) -> ReqRepReport:
     """Run CFG's load to its bound; every reply is verified."""
     run = _Run(cfg)
+    reply_bytes(1, 0)  # builds the pattern before the clock starts
     cpu0, t0 = time.process_time(), time.monotonic()
     await asyncio.gather(*(_slot(run) for _ in range(cfg.connections)))
     run.report.duration = time.monotonic() - t0

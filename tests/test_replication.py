@@ -288,7 +288,9 @@ def short_connections(pair: Pair, stop: threading.Event, results: list[dict[str,
         ("backup", "kill", 0.0),
         ("backup", "link", 0.0),
         ("primary", "kill", 1.0),
+        ("primary", "link", 1.0),
         ("backup", "kill", 1.0),
+        ("backup", "link", 1.0),
     ],
 )
 def test_streams_survive_a_crash(pair: Pair, victim: str, mode: str, loss: float) -> None:
