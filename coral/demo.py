@@ -1,22 +1,36 @@
 """`coral demo`: the README's main command.
 
-Builds a lab, puts real clients under verifying load against the real Apache
-on the server hosts, and prints the outcome. It always removes its lab, also
-when interrupted. Failover stages are added to the story as the product
-grows; today it shows the lab and the verifying client working end to end.
+Builds a lab and tells the story so far, stage by stage, printing each
+outcome; it always removes its lab, also when interrupted.
+
+1. Real clients under verifying load against the real Apache on the server
+   hosts (the lab and the verifying client end to end).
+2. Connection replication: the data plane on primary and backup, the same
+   stream server behind the service address on both, clients streaming both
+   ways, the primary killed mid-stream: every byte must arrive, in order.
+
+Later stages (the HTTP logging proxy, the agents, re-integration) join as
+the product grows.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import signal
+import sys
 import time
-from types import FrameType
 from typing import Any
 
-from coral.lab import Lab
-from coral.lab.topology import APACHE_PORT, SERVER_LAN_IPS, fresh_name
+from coral import netns
+from coral.lab import Lab, LabError
+from coral.lab.pair import HOSTS, Pair
+from coral.lab.topology import (
+    APACHE_PORT,
+    SERVER_LAN_IPS,
+    SERVICE_PORT,
+    SERVICE_VIP,
+    fresh_name,
+)
 
 DEMO_MIX = (
     "/static/1k.bin=4,/static/15k.bin=3,/static/50k.bin=2,/static/1m.bin=1,"
@@ -28,48 +42,52 @@ def add_parser(sub: Any) -> None:
     p = sub.add_parser("demo", help="the demo: a lab, real Apache, verified load, the outcome")
     p.add_argument("--duration", type=float, default=10.0, help="seconds of load (default: 10)")
     p.add_argument("--connections", type=int, default=8, help="connections per client")
+    p.add_argument("--stream-mb", type=int, default=20, help="MB each stream moves each way")
     p.add_argument("--json", action="store_true", help="print the reports as JSON")
     p.set_defaults(func=run)
 
 
-def _interrupted(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt
-
-
 def run(args: argparse.Namespace) -> int:
-    signal.signal(signal.SIGTERM, _interrupted)
     t0 = time.monotonic()
     print("demo: building the lab (clients, router, primary, backup, spare, Apache on each)")
     lab = Lab.up(fresh_name("demo"), clients=2)
     try:
         print(f"demo: lab {lab.name} up in {time.monotonic() - t0:.1f} s")
-        plan = {"client1": "primary", "client2": "backup"}
-        runs = []
-        for client, server in plan.items():
-            url = f"http://{SERVER_LAN_IPS[server]}:{APACHE_PORT}"
-            pipeline = "4" if client == "client2" else "1"
-            print(
-                f"demo: {client} -> Apache on {server} ({url}), {args.connections} keep-alive "
-                f"connections, pipeline {pipeline}, {args.duration:.0f} s, every reply verified"
-            )
-            runs.append(
-                lab.start_load(
-                    client,
-                    url,
-                    "--connections",
-                    str(args.connections),
-                    "--pipeline",
-                    pipeline,
-                    "--duration",
-                    str(args.duration),
-                    "--mix",
-                    DEMO_MIX,
-                )
-            )
-        reports = {r.host: r.result(timeout=args.duration + 60) for r in runs}
+        ok = apache_stage(lab, args) and replication_stage(lab, args)
     finally:
         lab.down()
         print(f"demo: lab {lab.name} removed")
+    print("demo: outcome: " + ("all stages correct" if ok else "FAILED (see above)"))
+    return 0 if ok else 1
+
+
+def apache_stage(lab: Lab, args: argparse.Namespace) -> bool:
+    """Stage 1: verified load against Apache on two server hosts."""
+    plan = {"client1": "primary", "client2": "backup"}
+    runs = []
+    for client, server in plan.items():
+        url = f"http://{SERVER_LAN_IPS[server]}:{APACHE_PORT}"
+        pipeline = "4" if client == "client2" else "1"
+        print(
+            f"demo: {client} -> Apache on {server} ({url}), {args.connections} keep-alive "
+            f"connections, pipeline {pipeline}, {args.duration:.0f} s, every reply verified"
+        )
+        runs.append(
+            lab.start_tool(
+                client,
+                "load",
+                url,
+                "--connections",
+                str(args.connections),
+                "--pipeline",
+                pipeline,
+                "--duration",
+                str(args.duration),
+                "--mix",
+                DEMO_MIX,
+            )
+        )
+    reports = {r.host: r.result(timeout=args.duration + 60) for r in runs}
     if args.json:
         print(json.dumps(reports, indent=2))
     print(
@@ -86,6 +104,65 @@ def run(args: argparse.Namespace) -> int:
             f"{lat['p99']:>8.2f} {r['longest_gap_ms']:>8.1f} {r['throughput_rps']:>8.0f}"
         )
     print(
-        "demo: outcome: " + ("every reply verified correct" if bad == 0 else f"{bad} bad replies")
+        "demo: stage 1: " + ("every reply verified correct" if bad == 0 else f"{bad} bad replies")
     )
-    return 0 if bad == 0 else 1
+    return bad == 0
+
+
+def replication_stage(lab: Lab, args: argparse.Namespace) -> bool:
+    """Stage 2: streams through the service address survive the primary's crash."""
+    size = args.stream_mb * 2**20
+    address = f"{SERVICE_VIP}:{SERVICE_PORT}"
+    print(
+        f"demo: stage 2: data plane on primary and backup, {address} duplex; the same stream "
+        "server on both"
+    )
+    pair = Pair.up(lab)
+    try:
+        pair.start(
+            lambda host: [
+                *(sys.executable, "-m", "coral", "stream", "serve", address),
+                *("--pin-dir", str(pair.pin_dir(host))),
+            ]
+        )
+        for host in HOSTS:
+            if not netns.wait_tcp(lab.namespace(host), SERVICE_VIP, SERVICE_PORT, 10):
+                raise LabError(f"the stream server on {host} did not start")
+        clients = ("client1", "client2")
+        print(f"demo: {', '.join(clients)}: 2 streams each, {args.stream_mb} MB up and down")
+        runs = [
+            lab.start_tool(
+                c,
+                "stream",
+                "run",
+                address,
+                *("--streams", "2", "--up", str(size)),
+                *("--down", str(size)),
+            )
+            for c in clients
+        ]
+        pair.wait_progress(4, size // 4, timeout=120)
+        print("demo: a quarter of the way: kill -9 of every process on the primary")
+        pair.crash("primary", "kill")
+        print("demo: the backup serves alone (simplex); streams continue")
+        reports = {r.host: r.result(timeout=300) for r in runs}
+        counters = pair.planes["backup"].counters()
+    finally:
+        pair.close()
+    if args.json:
+        print(json.dumps(reports, indent=2))
+    print(f"{'client':<8} {'stream':>6} {'up MB':>7} {'down MB':>8} {'ok':>4} {'stall ms':>9}")
+    good = True
+    for host, report in reports.items():
+        for st in report["streams"]:
+            good &= st["ok"]
+            up, down = st["up"] / 2**20, st["received"] / 2**20
+            print(
+                f"{host:<8} {st['index']:>6} {up:>7.1f} {down:>8.1f} "
+                f"{'yes' if st['ok'] else 'NO':>4} {st['longest_stall_ms']:>9.0f}"
+            )
+    shown = ("PASS_ADOPTED", "PASS_CLONED", "PASS_BACKUP_REPORT", "PASS_FAKE_ACK")
+    counts = ", ".join(f"{k} {counters[k].packets}" for k in shown if k in counters)
+    print(f"demo: backup counters: {counts}")
+    print("demo: stage 2: " + ("every byte of every stream arrived" if good else "streams broken"))
+    return good

@@ -211,8 +211,9 @@ def test_verifying_client_from_a_client_host_through_the_router(lab: Lab) -> Non
         + ["/cgi-bin/random?n=5000", "/cgi-bin/slow?ms=20&n=100", "/cgi-bin/echo"]
     )
     runs = [
-        lab.start_load(
+        lab.start_tool(
             client,
+            "load",
             f"http://{SERVER_LAN_IPS[server]}:{APACHE_PORT}",
             *("--requests", "200", "--connections", "4", "--pipeline", pipeline, "--mix", mix),
         )
@@ -226,11 +227,13 @@ def test_verifying_client_from_a_client_host_through_the_router(lab: Lab) -> Non
 
 def test_demo_command_runs_end_to_end() -> None:
     out = subprocess.run(
-        [*CORAL, "demo", "--duration", "2", "--connections", "2"],
+        [*CORAL, "demo", "--duration", "2", "--connections", "2", "--stream-mb", "5"],
         capture_output=True,
         text=True,
         timeout=120,
     )
     assert out.returncode == 0, out.stdout + out.stderr
     assert "every reply verified correct" in out.stdout
+    assert "every byte of every stream arrived" in out.stdout
+    assert "outcome: all stages correct" in out.stdout
     assert not netns.list_namespaces("coral-demo")

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import socket
-import subprocess
 import sys
 import threading
 import time
@@ -23,6 +22,7 @@ import pytest
 from coral import netns, stream, tcpstate
 from coral.bpf.structs import ConnFlag, ConnKey, Mode
 from coral.lab import Lab
+from coral.lab.lab import ToolRun
 from coral.lab.loss import inject
 from coral.lab.pair import HOSTS, Pair
 from coral.lab.topology import CLIENT_IF, LAN_IF, SERVICE_PORT, SERVICE_VIP, fresh_name
@@ -218,16 +218,10 @@ STREAMS_PER_CLIENT = 2
 STREAM_BYTES = 50 * MB
 
 
-def start_streams(pair: Pair, size: int) -> list[subprocess.Popen[str]]:
-    argv = [
-        *(sys.executable, "-m", "coral", "stream", "run", f"{VIP}:{PORT}"),
-        *("--streams", str(STREAMS_PER_CLIENT), "--up", str(size), "--down", str(size)),
-        *("--timeout", "60"),
-    ]
+def start_streams(pair: Pair, size: int) -> list[ToolRun]:
+    args = ("--streams", str(STREAMS_PER_CLIENT), "--up", str(size), "--down", str(size))
     return [
-        subprocess.Popen(
-            pair.lab.argv(client, argv), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-        )
+        pair.lab.start_tool(client, "stream", "run", f"{VIP}:{PORT}", *args, "--timeout", "60")
         for client in ("client1", "client2")
     ]
 
@@ -243,31 +237,9 @@ def start_servers(pair: Pair) -> None:
         assert netns.wait_tcp(pair.lab.namespace(host), VIP, PORT, 10), f"server on {host}"
 
 
-def wait_mid_stream(pair: Pair, count: int, progress: int) -> None:
-    """Until COUNT replicated connections moved PROGRESS bytes each way (primary's view)."""
-
-    def progress_seen() -> list[tuple[int, int]]:
-        conns = pair.planes["primary"].connections()
-        return [
-            (
-                (c.acked_to_client - c.client_isn) % 2**32,
-                (c.primary_snd_nxt - c.primary_isn) % 2**32,
-            )
-            for c in conns
-            if "BACKUP_SEEN" in c.flags
-        ]
-
-    def moved() -> bool:
-        seen = progress_seen()
-        return len(seen) >= count and all(up > progress and down > progress for up, down in seen)
-
-    wait_for(moved, 60, f"{count} streams {progress} bytes in, both ways", progress_seen)
-
-
-def check_streams(procs: list[subprocess.Popen[str]]) -> None:
-    for proc in procs:
-        out, err = proc.communicate(timeout=180)
-        report = json.loads(out) if out else {"ok": False, "error": err}
+def check_streams(runs: list[ToolRun]) -> None:
+    for run in runs:
+        report = run.result(timeout=180)
         assert report["ok"], json.dumps(report)[:2000]
 
 
@@ -304,20 +276,21 @@ def test_streams_survive_a_crash(pair: Pair, victim: str, mode: str, loss: float
         for host, ifname in (("backup", LAN_IF), ("primary", LAN_IF), ("client1", CLIENT_IF),
                              ("client2", CLIENT_IF))
     ] if loss else []  # fmt: skip
-    procs = start_streams(pair, STREAM_BYTES)
+    runs = start_streams(pair, STREAM_BYTES)
     stop, short = threading.Event(), []
     opener = threading.Thread(target=short_connections, args=(pair, stop, short))
     try:
-        wait_mid_stream(pair, 2 * STREAMS_PER_CLIENT, 10 * MB)
+        pair.wait_progress(2 * STREAMS_PER_CLIENT, 10 * MB, timeout=60)
         opener.start()
         pair.crash(victim, mode)
-        check_streams(procs)
+        check_streams(runs)
     finally:
         stop.set()
         if opener.is_alive():
             opener.join()
-        for proc in procs:
-            proc.kill()
+        for run in runs:
+            run.proc.kill()
+            run.proc.wait()
     for loss_ in losses:
         dropped, seen = loss_.stats()
         assert dropped > 0 and seen > dropped, "loss was really injected"

@@ -204,13 +204,13 @@ class Lab:
         """Start ARGV on HOST; the caller owns the process and must wait for it."""
         return subprocess.Popen(self.argv(host, argv), **kwargs)
 
-    def start_load(self, host: str, url: str, *args: str) -> LoadRun:
-        """Start the verifying load client (`coral load URL ARGS`) on HOST."""
-        argv = [sys.executable, "-m", "coral", "load", url, *args]
+    def start_tool(self, host: str, *args: str) -> ToolRun:
+        """Start `coral ARGS` on HOST (a tool that prints a JSON report: load, stream run)."""
+        argv = [sys.executable, "-m", "coral", *args]
         proc = subprocess.Popen(
             self.argv(host, argv), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
         )
-        return LoadRun(host, proc)
+        return ToolRun(host, proc)
 
     def crash(self, host: str, mode: str) -> None:
         """Fail HOST: kill -9 all its processes, unplug its links, or SIGSTOP them."""
@@ -294,8 +294,8 @@ class Lab:
 
 
 @dataclass
-class LoadRun:
-    """A verifying load client running on a lab host; :meth:`result` waits for its report."""
+class ToolRun:
+    """A coral tool running on a lab host; :meth:`result` waits for its JSON report."""
 
     host: str
     proc: subprocess.Popen[str]
@@ -307,14 +307,18 @@ class LoadRun:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.communicate()
-            raise LabError(f"load client on {self.host} still running after {timeout} s") from None
+            raise LabError(f"{self._name} on {self.host} still running after {timeout} s") from None
         try:
             report: dict[str, Any] = json.loads(out)
         except json.JSONDecodeError:
             raise LabError(
-                f"load client on {self.host} exited {self.proc.returncode} without a report: {err}"
+                f"{self._name} on {self.host} exited {self.proc.returncode} without a report: {err}"
             ) from None
         return report
+
+    @property
+    def _name(self) -> str:
+        return " ".join(str(a) for a in self.proc.args[-6:])
 
 
 def remove_lab(name: str) -> None:

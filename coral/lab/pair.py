@@ -16,6 +16,7 @@ lab's removal takes the rest).
 from __future__ import annotations
 
 import subprocess
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +24,14 @@ from pathlib import Path
 from coral.bpf.structs import Mode, Role
 from coral.dataplane import DataPlane, identity, settings
 from coral.lab.lab import Lab
-from coral.lab.topology import LAN_IF, ROUTER_LAN_IP, SERVER_LAN_IPS, SERVICE_PORT, SERVICE_VIP
+from coral.lab.topology import (
+    LAN_IF,
+    ROUTER_LAN_IP,
+    SERVER_LAN_IPS,
+    SERVICE_PORT,
+    SERVICE_VIP,
+    LabError,
+)
 
 HOSTS = ("primary", "backup")
 LEASE_S = 3600.0
@@ -95,6 +103,33 @@ class Pair:
                 self.procs.append(
                     self.lab.popen(host, argv(host), stdout=log, stderr=subprocess.STDOUT)
                 )
+
+    def wait_progress(self, count: int, progress: int, timeout: float) -> None:
+        """Wait until COUNT replicated connections each moved PROGRESS bytes both ways
+        (as the primary sees it: client bytes the backup holds, bytes sent); raise
+        LabError with what was seen after TIMEOUT seconds."""
+
+        def seen() -> list[tuple[int, int]]:
+            return [
+                (
+                    (c.acked_to_client - c.client_isn) % 2**32,
+                    (c.primary_snd_nxt - c.primary_isn) % 2**32,
+                )
+                for c in self.planes["primary"].connections()
+                if "BACKUP_SEEN" in c.flags
+            ]
+
+        deadline = time.monotonic() + timeout
+        while True:
+            moved = seen()
+            if len(moved) >= count and all(up > progress and dn > progress for up, dn in moved):
+                return
+            if time.monotonic() > deadline:
+                raise LabError(
+                    f"{count} connections did not move {progress} bytes each way within "
+                    f"{timeout} s; (up, down) seen: {moved}"
+                )
+            time.sleep(0.01)
 
     def take_over(self, survivor: str) -> None:
         """The survivor serves alone: one map write; a primary also takes the VIP."""
