@@ -168,92 +168,9 @@ static __always_inline enum coral_reason coral_parse_ipv4_tcp(struct __sk_buff *
 }
 
 /* State of one walk over a TCP option list (coral_parse_syn_opts). */
-struct coral_opt_walk {
-	__u8 buf[64];		/* the options; indexes are masked with 63 */
-	__u32 off;		/* next option */
-	__u32 len;		/* option bytes in buf, at most TCP_OPTIONS_MAX */
-	struct coral_syn_opts o;
-};
-
-/* One option of the walk, as a bpf_loop() callback: the verifier checks it
- * once for any state instead of unrolling 40 iterations of every branch
- * (which exceeds its budget when a program parses options several times).
- * Returns 1 to stop: end of list, or a malformed option. */
-static long coral_opt_step(__u32 index, void *ctx)
-{
-	struct coral_opt_walk *w = ctx;
-	__u32 off = w->off;
-	__u8 kind, olen;
-
-	if (off >= w->len)
-		return 1;
-	kind = w->buf[off & 63];
-	if (kind == TCPOPT_EOL)
-		return 1;
-	if (kind == TCPOPT_NOP) {
-		w->off = off + 1;
-		return 0;
-	}
-	if (off + 2 > w->len)
-		return 1;
-	olen = w->buf[(off + 1) & 63];
-	if (olen < 2 || off + olen > w->len)
-		return 1;
-	if (kind == TCPOPT_MSS && olen == 4) {
-		w->o.mss = (w->buf[(off + 2) & 63] << 8) | w->buf[(off + 3) & 63];
-		w->o.flags |= CORAL_SYN_MSS;
-	} else if (kind == TCPOPT_WINDOW && olen == 3) {
-		w->o.wscale = w->buf[(off + 2) & 63];
-		w->o.flags |= CORAL_SYN_WSCALE;
-	} else if (kind == TCPOPT_SACK_PERM && olen == 2) {
-		w->o.flags |= CORAL_SYN_SACK_PERM;
-	} else if (kind == TCPOPT_TIMESTAMP && olen == 10) {
-		w->o.tsval = ((__u32)w->buf[(off + 2) & 63] << 24) |
-			     ((__u32)w->buf[(off + 3) & 63] << 16) |
-			     ((__u32)w->buf[(off + 4) & 63] << 8) | w->buf[(off + 5) & 63];
-		w->o.flags |= CORAL_SYN_TIMESTAMP;
-	}
-	w->off = off + olen;
-	return 0;
-}
-
-/* Read the handshake options of a validated SYN or SYN-ACK into o, and
- * whether it negotiates ECN. The options are copied to the stack first
- * (bpf_skb_load_bytes: they follow a variable-length IP header). A
- * malformed option ends the walk; what was read before it is kept, as the
- * kernel's own parser does. */
-static __always_inline void coral_parse_syn_opts(struct __sk_buff *skb,
-						 const struct coral_pkt *pkt,
-						 struct coral_syn_opts *o)
-{
-	struct coral_opt_walk w = {};
-	__u32 len = pkt->tcp_hlen - sizeof(struct tcphdr);
-
-	w.o.mss = TCP_MSS_DEFAULT;
-	/* RFC 3168: a SYN asks for ECN with ECE+CWR, a SYN-ACK agrees with ECE. */
-	if (pkt->tcp->ece && (pkt->tcp->ack || pkt->tcp->cwr))
-		w.o.flags |= CORAL_SYN_ECN;
-	if (len > 0 && len <= TCP_OPTIONS_MAX &&
-	    !bpf_skb_load_bytes(skb, pkt->l4_off + sizeof(struct tcphdr), w.buf, len)) {
-		w.len = len;
-		bpf_loop(TCP_OPTIONS_MAX, coral_opt_step, &w, 0);
-	}
-	*o = w.o;
-}
-
-/* The TSval of a validated segment's timestamp option, or 0 if it has none.
- * Same walk as coral_parse_syn_opts, for non-SYN segments. */
-static __always_inline __u32 coral_parse_tsval(struct __sk_buff *skb, const struct coral_pkt *pkt)
-{
-	struct coral_syn_opts o;
-
-	coral_parse_syn_opts(skb, pkt, &o);
-	return o.tsval;
-}
-
 /* What the replication paths need from a data segment's options: its
  * timestamps (values and where they are, to rewrite them) and its SACK
- * blocks (to check and, if needed, blank them). */
+ * blocks (to check and, if needed, trim them). */
 struct coral_seg_opts {
 	__u32 tsval;
 	__u32 tsecr;
@@ -264,11 +181,15 @@ struct coral_seg_opts {
 	struct coral_sack_block sack[4];
 };
 
-struct coral_seg_walk {
-	__u8 buf[64];
-	__u32 off;
-	__u32 len;
-	struct coral_seg_opts o;
+/* One walk over a segment's options, for SYNs and data segments alike: a
+ * bpf_loop() callback, verified once however many callers (a plain
+ * 40-iteration loop parsed three times exceeded the verifier's budget). */
+struct coral_opt_walk {
+	__u8 buf[64];		/* the options; indexes are masked with 63 */
+	__u32 off;		/* next option */
+	__u32 len;		/* option bytes in buf, at most TCP_OPTIONS_MAX */
+	struct coral_syn_opts syn;
+	struct coral_seg_opts seg;
 };
 
 static __always_inline __u32 coral_be32_at(const __u8 *buf, __u32 off)
@@ -277,9 +198,9 @@ static __always_inline __u32 coral_be32_at(const __u8 *buf, __u32 off)
 	       ((__u32)buf[(off + 2) & 63] << 8) | buf[(off + 3) & 63];
 }
 
-static long coral_seg_step(__u32 index, void *ctx)
+static long coral_opt_step(__u32 index, void *ctx)
 {
-	struct coral_seg_walk *w = ctx;
+	struct coral_opt_walk *w = ctx;
 	__u32 off = w->off, i, n;
 	__u8 kind, olen;
 
@@ -297,24 +218,68 @@ static long coral_seg_step(__u32 index, void *ctx)
 	olen = w->buf[(off + 1) & 63];
 	if (olen < 2 || off + olen > w->len)
 		return 1;
-	if (kind == TCPOPT_TIMESTAMP && olen == 10) {
-		w->o.tsval = coral_be32_at(w->buf, off + 2);
-		w->o.tsecr = coral_be32_at(w->buf, off + 6);
-		w->o.has_ts = 1;
+	if (kind == TCPOPT_MSS && olen == 4) {
+		w->syn.mss = (w->buf[(off + 2) & 63] << 8) | w->buf[(off + 3) & 63];
+		w->syn.flags |= CORAL_SYN_MSS;
+	} else if (kind == TCPOPT_WINDOW && olen == 3) {
+		w->syn.wscale = w->buf[(off + 2) & 63];
+		w->syn.flags |= CORAL_SYN_WSCALE;
+	} else if (kind == TCPOPT_SACK_PERM && olen == 2) {
+		w->syn.flags |= CORAL_SYN_SACK_PERM;
+	} else if (kind == TCPOPT_TIMESTAMP && olen == 10) {
+		w->syn.tsval = w->seg.tsval = coral_be32_at(w->buf, off + 2);
+		w->seg.tsecr = coral_be32_at(w->buf, off + 6);
+		w->syn.flags |= CORAL_SYN_TIMESTAMP;
+		w->seg.has_ts = 1;
 	} else if (kind == TCPOPT_SACK && olen >= 10 && (olen - 2) % 8 == 0) {
 		n = (olen - 2) / 8;
-		w->o.sack_off = off;
-		w->o.sack_len = olen;
+		w->seg.sack_off = off;
+		w->seg.sack_len = olen;
 		for (i = 0; i < 4; i++) {
 			if (i >= n)
 				break;
-			w->o.sack[i].start = coral_be32_at(w->buf, off + 2 + i * 8);
-			w->o.sack[i].end = coral_be32_at(w->buf, off + 6 + i * 8);
+			w->seg.sack[i].start = coral_be32_at(w->buf, off + 2 + i * 8);
+			w->seg.sack[i].end = coral_be32_at(w->buf, off + 6 + i * 8);
 		}
-		w->o.sack_n = n > 4 ? 4 : n;
+		w->seg.sack_n = n > 4 ? 4 : n;
 	}
 	w->off = off + olen;
 	return 0;
+}
+
+static __always_inline void coral_walk_opts(struct __sk_buff *skb, const struct coral_pkt *pkt,
+					    struct coral_opt_walk *w)
+{
+	__u32 len = pkt->tcp_hlen - sizeof(struct tcphdr);
+
+	w->syn.mss = TCP_MSS_DEFAULT;
+	if (len > 0 && len <= TCP_OPTIONS_MAX &&
+	    !bpf_skb_load_bytes(skb, pkt->l4_off + sizeof(struct tcphdr), w->buf, len)) {
+		w->len = len;
+		bpf_loop(TCP_OPTIONS_MAX, coral_opt_step, w, 0);
+	}
+}
+
+/* The options of a SYN or SYN-ACK. */
+static __always_inline void coral_parse_syn_opts(struct __sk_buff *skb,
+						 const struct coral_pkt *pkt,
+						 struct coral_syn_opts *o)
+{
+	struct coral_opt_walk w = {};
+
+	coral_walk_opts(skb, pkt, &w);
+	/* RFC 3168: a SYN asks for ECN with ECE+CWR, a SYN-ACK agrees with ECE. */
+	if (pkt->tcp->ece && (pkt->tcp->ack || pkt->tcp->cwr))
+		w.syn.flags |= CORAL_SYN_ECN;
+	*o = w.syn;
+}
+
+static __always_inline __u32 coral_parse_tsval(struct __sk_buff *skb, const struct coral_pkt *pkt)
+{
+	struct coral_syn_opts o;
+
+	coral_parse_syn_opts(skb, pkt, &o);
+	return o.tsval;
 }
 
 /* The timestamps and SACK blocks of a (non-SYN) segment. */
@@ -322,15 +287,10 @@ static __always_inline void coral_parse_seg_opts(struct __sk_buff *skb,
 						 const struct coral_pkt *pkt,
 						 struct coral_seg_opts *o)
 {
-	struct coral_seg_walk w = {};
-	__u32 len = pkt->tcp_hlen - sizeof(struct tcphdr);
+	struct coral_opt_walk w = {};
 
-	if (len > 0 && len <= TCP_OPTIONS_MAX &&
-	    !bpf_skb_load_bytes(skb, pkt->l4_off + sizeof(struct tcphdr), w.buf, len)) {
-		w.len = len;
-		bpf_loop(TCP_OPTIONS_MAX, coral_seg_step, &w, 0);
-	}
-	*o = w.o;
+	coral_walk_opts(skb, pkt, &w);
+	*o = w.seg;
 }
 
 #endif /* CORAL_PARSE_H */

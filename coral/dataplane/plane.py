@@ -78,21 +78,6 @@ from coral.bpf.structs import (
 from coral.bpf.syscall import BpfError, Map, UpdateFlag, is_bpffs
 from coral.dataplane import identity, settings
 
-__all__ = [
-    "ClosingMarker",
-    "Connection",
-    "Counts",
-    "DataPlane",
-    "DataPlaneError",
-    "Mode",
-    "PlaneView",
-    "Role",
-    "Service",
-    "StaleEpoch",
-    "closing_marker",
-    "open_view",
-]
-
 OBJECT = "coral_dp"
 PROGRAMS = (("coral_ingress", tc.Hook.INGRESS), ("coral_egress", tc.Hook.EGRESS))
 _LIVE_SOCKETS = SS_ALL & ~(1 << SS_LISTEN)
