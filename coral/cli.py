@@ -14,6 +14,7 @@ from coral.dataplane import cli as datapath_cli
 from coral.lab import LabError
 from coral.lab import cli as lab_cli
 from coral.netns import CommandError
+from proxy import cli as proxy_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -25,6 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     stream.add_parser(sub)
     reqrep.add_parser(sub)
     datapath_cli.add_parser(sub)
+    proxy_cli.add_parser(sub)
     return parser
 
 
