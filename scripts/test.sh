@@ -6,6 +6,7 @@ cd "$(dirname "$0")/.."
 scripts/setup.sh
 .venv/bin/ruff check coral proxy tests
 .venv/bin/ruff format --check coral proxy tests
+.venv/bin/mypy coral proxy tests
 set +e
 .venv/bin/pytest "$@"
 rc=$?

@@ -277,7 +277,7 @@ def test_streams_survive_a_crash(pair: Pair, victim: str, mode: str, loss: float
                              ("client2", CLIENT_IF))
     ] if loss else []  # fmt: skip
     runs = start_streams(pair, STREAM_BYTES)
-    stop, short = threading.Event(), []
+    stop, short = threading.Event(), list[dict[str, object]]()
     opener = threading.Thread(target=short_connections, args=(pair, stop, short))
     try:
         pair.wait_progress(2 * STREAMS_PER_CLIENT, 10 * MB, timeout=60)

@@ -210,7 +210,7 @@ class Lab:
         proc = subprocess.Popen(
             self.argv(host, argv), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
         )
-        return ToolRun(host, proc)
+        return ToolRun(host, proc, args)
 
     def crash(self, host: str, mode: str) -> None:
         """Fail HOST: kill -9 all its processes, unplug its links, or SIGSTOP them."""
@@ -299,6 +299,8 @@ class ToolRun:
 
     host: str
     proc: subprocess.Popen[str]
+    args: tuple[str, ...]
+    """The coral tool's arguments, for messages."""
 
     def result(self, timeout: float) -> dict[str, Any]:
         """The client's JSON report; raise LabError if it did not produce one in TIMEOUT s."""
@@ -318,7 +320,7 @@ class ToolRun:
 
     @property
     def _name(self) -> str:
-        return " ".join(str(a) for a in self.proc.args[-6:])
+        return "coral " + " ".join(self.args[:2])
 
 
 def remove_lab(name: str) -> None:
@@ -350,7 +352,7 @@ def remove_lab(name: str) -> None:
 
 def lab_names() -> list[str]:
     """Every lab present: with a state directory, or only leftover namespaces."""
-    names = set()
+    names: set[str] = set()
     with contextlib.suppress(FileNotFoundError):
         names.update(p.name for p in lab_root().iterdir() if p.is_dir())
     for ns in netns.list_namespaces(PREFIX):

@@ -92,8 +92,8 @@ class Pair:
             plane.add_service(self.vip, self.port, role, SERVER_LAN_IPS[peer], peer_mac)
             plane.renew_lease(1, LEASE_S)
         for host in HOSTS:
-            peer = settings.read(self.lab.namespace(peer_of(host)), LAN_IF)
-            self.planes[host].set_mode(self.vip, self.port, Mode.DUPLEX, peer_settings=peer)
+            theirs = settings.read(self.lab.namespace(peer_of(host)), LAN_IF)
+            self.planes[host].set_mode(self.vip, self.port, Mode.DUPLEX, peer_settings=theirs)
 
     def start(self, argv: Callable[[str], list[str]]) -> None:
         """Start the same service program on both hosts (ARGV(host) builds its command);
