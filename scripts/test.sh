@@ -4,9 +4,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
-.venv/bin/ruff check coral proxy tests
-.venv/bin/ruff format --check coral proxy tests
-.venv/bin/mypy coral proxy tests
+.venv/bin/ruff check coral proxy tests scripts
+.venv/bin/ruff format --check coral proxy tests scripts
+.venv/bin/mypy coral proxy tests scripts
 set +e
 .venv/bin/pytest "$@"
 rc=$?
