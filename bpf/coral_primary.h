@@ -209,7 +209,10 @@ static __always_inline int coral_primary_out(struct __sk_buff *skb, const struct
 		c->primary_ack = seg.ack;
 		c->primary_win = (__u32)seg.win << c->rcv_wscale;
 	}
-	if (seg.opts.has_ts) {
+	/* The highest timestamps, not the last: two CPUs' segments reach this
+	 * program in any order, and a raised ACK with an older TSval than one
+	 * the client already has is dropped by its PAWS check. */
+	if (seg.opts.has_ts && (!c->primary_tsval || !coral_after(c->primary_tsval, seg.opts.tsval))) {
 		c->primary_tsval = seg.opts.tsval;
 		c->primary_tsecr = seg.opts.tsecr;
 	}

@@ -130,9 +130,10 @@ struct coral_conn_state {
 	 * primary's own segments): destination of a raised ACK. */
 	__u8 client_mac[6];
 	__u16 pad;
-	/* The primary's latest timestamps (TSval, TSecr): a raised ACK carries
-	 * them, never the backup's clock, which may run a millisecond ahead
-	 * and would make the client reject the primary's next segments (PAWS). */
+	/* The primary's highest timestamps (TSval, TSecr) sent so far: a
+	 * raised ACK carries them, never the backup's clock, which may run a
+	 * millisecond ahead and would make the client reject the primary's
+	 * next segments (PAWS). */
 	__u32 primary_tsval;
 	__u32 primary_tsecr;
 
