@@ -51,6 +51,16 @@ _RESET_ERRORS = (ConnectionResetError, BrokenPipeError)
 """What the socket reports once the peer has sent a RST."""
 
 
+def check_run_bound(requests: int | None, duration: float | None) -> None:
+    """Every load run is bounded: by a request count, a duration, or both."""
+    if requests is None and duration is None:
+        raise ValueError("the run needs a bound: requests, duration or both")
+    if requests is not None and requests < 1:
+        raise ValueError("requests must be at least 1")
+    if duration is not None and duration <= 0:
+        raise ValueError("duration must be positive")
+
+
 @dataclass
 class LoadConfig:
     """What load to send and where; at least one of requests and duration bounds the run."""
@@ -75,12 +85,7 @@ class LoadConfig:
     """How long to wait for the server's EOF after our half-close at the end of a connection."""
 
     def __post_init__(self) -> None:
-        if self.requests is None and self.duration is None:
-            raise ValueError("the run needs a bound: requests, duration or both")
-        if self.requests is not None and self.requests < 1:
-            raise ValueError("requests must be at least 1")
-        if self.duration is not None and self.duration <= 0:
-            raise ValueError("duration must be positive")
+        check_run_bound(self.requests, self.duration)
         if self.connections < 1 or self.pipeline < 1:
             raise ValueError("connections and pipeline must be at least 1")
         if self.timeout <= 0 or self.close_timeout <= 0:

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar, cast
 
 from coral import stream
+from coral.loadclient import check_run_bound
 
 MAGIC = b"CRQR"
 REQUEST = struct.Struct("!4sIQ")
@@ -142,12 +143,7 @@ class ReqRepConfig:
     """Seconds from sending a request (or connecting, or half-closing) to its end."""
 
     def __post_init__(self) -> None:
-        if self.requests is None and self.duration is None:
-            raise ValueError("the run needs a bound: requests, duration or both")
-        if self.requests is not None and self.requests < 1:
-            raise ValueError("requests must be at least 1")
-        if self.duration is not None and self.duration <= 0:
-            raise ValueError("duration must be positive")
+        check_run_bound(self.requests, self.duration)
         if self.connections < 1:
             raise ValueError("connections must be at least 1")
         if not 1 <= self.size <= MAX_SIZE:
