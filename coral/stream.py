@@ -21,6 +21,7 @@ import hashlib
 import json
 import socket
 import struct
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -69,12 +70,15 @@ def _recv_exact(sock: socket.socket, n: int) -> bytes:
 
 
 def _serve_one(conn: socket.socket, mark_closing: Callable[[socket.socket], None] | None) -> None:
+    peer = conn.getpeername()
     with conn:
         try:
             magic, up, down, seed = HEADER.unpack(_recv_exact(conn, HEADER.size))
-        except (ConnectionError, struct.error, OSError):
+        except (ConnectionError, struct.error, OSError) as e:
+            print(f"stream: {peer}: no header: {e!r}", file=sys.stderr, flush=True)
             return
         if magic != MAGIC:
+            print(f"stream: {peer}: bad magic {magic!r}", file=sys.stderr, flush=True)
             return
         writer = threading.Thread(target=_send_stream, args=(conn, seed, "down", down), daemon=True)
         writer.start()
@@ -94,7 +98,8 @@ def _serve_one(conn: socket.socket, mark_closing: Callable[[socket.socket], None
             conn.shutdown(socket.SHUT_WR)
             while conn.recv(65536):  # drain until the client closes: no RST for unread data
                 pass
-        except OSError:
+        except OSError as e:
+            print(f"stream: {peer}: {e!r}", file=sys.stderr, flush=True)
             return
 
 

@@ -255,9 +255,8 @@ def short_connections(pair: Pair, stop: threading.Event, results: list[dict[str,
 LOSS_STALL = pytest.mark.xfail(
     strict=False,
     reason="known bug: under 1 % loss a duplex stream occasionally stalls (about 2 in 44 "
-    "streams of 50 MB, before any crash): the backup's kernel stops receiving the client's "
-    "retransmissions of the first byte it lacks (its data plane passes them, no drop "
-    "counted) while the client backs off; not yet understood",
+    "streams of 50 MB, before any crash): the backup's kernel acknowledges the first "
+    "~20 KB but its application never reads the connection; see docs/design.md",
 )
 
 
