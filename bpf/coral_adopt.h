@@ -98,7 +98,7 @@ static __always_inline void coral_req_attrs(const struct coral_handshake *hs, __
  * held handshake: adopt. CORAL_CONTINUE when there is nothing to adopt
  * (not a held handshake, or already adopted): the stack takes the segment. */
 static __always_inline enum coral_reason coral_adopt(struct __sk_buff *skb,
-						     const struct coral_pkt *pkt)
+						     const struct coral_pkt *pkt, __u32 client_isn)
 {
 	struct bpf_tcp_req_attrs attrs = {};
 	struct bpf_sock_tuple tuple = {};
@@ -131,8 +131,13 @@ static __always_inline enum coral_reason coral_adopt(struct __sk_buff *skb,
 		bpf_map_delete_elem(&coral_handshakes, &key);
 		return CORAL_CONTINUE;
 	}
-	/* Guard: only the ACK of this handshake may create a connection. */
-	if (bpf_ntohl(pkt->tcp->ack_seq) != hs->primary_isn + 1) {
+	/* Guard: only the ACK of this handshake may create a connection, and
+	 * only a segment at the client's first sequence number: the kernel
+	 * takes the client's ISN as seq - 1, so a later segment adopting (the
+	 * ACK and first data dropped while the SYN-ACK copy was still on its
+	 * way) would shift the backup's view of the stream. */
+	if (bpf_ntohl(pkt->tcp->ack_seq) != hs->primary_isn + 1 ||
+	    bpf_ntohl(pkt->tcp->seq) != client_isn + 1) {
 		bpf_sk_release(sk);
 		return CORAL_DROP_ADOPT_MISMATCH;
 	}

@@ -115,7 +115,7 @@ static __always_inline enum coral_reason coral_backup_in(struct __sk_buff *skb,
 	/* Adopt also when alone: a primary that died between its SYN-ACK and
 	 * the client's ACK leaves a client that believes it is connected. */
 	if (hs && hs->synack_ns && !seg.rst) {
-		r = coral_adopt(skb, pkt);
+		r = coral_adopt(skb, pkt, c->client_isn);
 		if (r != CORAL_CONTINUE)
 			return r;
 	}

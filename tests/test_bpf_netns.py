@@ -294,6 +294,11 @@ def test_adopt_handshake_records_and_guards(
         wrong = ack.copy()
         wrong[TCP].ack = isn + 2
         assert run(bytes(wrong)) == (TC_ACT_SHOT, Reason.DROP_ADOPT_MISMATCH)
+        # A later segment must not adopt: the kernel would take seq - 1 as the
+        # client's ISN and shift the backup's view of the stream.
+        later = ack.copy()
+        later[TCP].seq = 101 + 1448
+        assert run(bytes(later)) == (TC_ACT_SHOT, Reason.DROP_ADOPT_MISMATCH)
         # The kfunc only works at tc ingress, which BPF_PROG_TEST_RUN is not:
         # the kernel refuses, and the ACK is dropped (the listener would
         # answer it with an RST).
