@@ -26,7 +26,7 @@ import socket
 import struct
 import sys
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from typing import Any, TypeVar, cast
 
@@ -47,8 +47,6 @@ _RECONNECT_PAUSE = 0.01
 _IP_FREEBIND = 15
 
 T = TypeVar("T")
-MarkClosing = Callable[[Any], None]
-"""Marks an accepted socket's connection as closing (coral.dataplane.ClosingMarker)."""
 
 
 def reply_bytes(size: int, rid: int) -> memoryview:
@@ -71,7 +69,7 @@ def _run_loop(coro: Coroutine[Any, Any, T]) -> T:
 class _ServerConn(asyncio.Protocol):
     """One client connection: answer each complete request, close gracefully on EOF."""
 
-    def __init__(self, mark_closing: MarkClosing | None) -> None:
+    def __init__(self, mark_closing: stream.Marker | None) -> None:
         self._mark = mark_closing
         self._buf = bytearray()
         self._transport: asyncio.Transport | None = None
@@ -113,14 +111,14 @@ def listen_socket(host: str, port: int) -> socket.socket:
     return srv
 
 
-async def _serve(srv: socket.socket, mark_closing: MarkClosing | None) -> None:
+async def _serve(srv: socket.socket, mark_closing: stream.Marker | None) -> None:
     loop = asyncio.get_running_loop()
     server = await loop.create_server(lambda: _ServerConn(mark_closing), sock=srv)
     async with server:
         await server.serve_forever()
 
 
-def serve(srv: socket.socket, mark_closing: MarkClosing | None = None) -> None:
+def serve(srv: socket.socket, mark_closing: stream.Marker | None = None) -> None:
     """Serve requests on the listening socket SRV forever."""
     reply_bytes(1, 0)  # builds the pattern now, not during the first request
     _run_loop(_serve(srv, mark_closing))
@@ -370,27 +368,16 @@ def add_parser(sub: Any) -> None:
     r.set_defaults(func=_run_cli)
 
 
-def _split(address: str) -> tuple[str, int]:
-    host, _, port = address.rpartition(":")
-    return host, int(port)
-
-
 def _serve_cli(args: argparse.Namespace) -> int:
-    srv = listen_socket(*_split(args.address))
-    if args.pin_dir:
-        from coral.dataplane import closing_marker
-
-        with closing_marker(args.pin_dir) as mark:
-            serve(srv, mark)
-    else:
-        serve(srv)
+    srv = listen_socket(*stream.split_address(args.address))
+    stream.serve_marking(args.pin_dir, lambda mark: serve(srv, mark))
     return 0
 
 
 def _run_cli(args: argparse.Namespace) -> int:
     try:
         cfg = ReqRepConfig(
-            *_split(args.address),
+            *stream.split_address(args.address),
             connections=args.connections,
             size=args.size,
             requests=args.requests,

@@ -33,6 +33,8 @@ HEADER = struct.Struct("!4sQQI")
 PATTERN_LEN = 1_048_583
 """Prime length of the repeating pattern: a misplaced chunk never lines up with itself."""
 CHUNK = 256 * 1024
+Marker = Callable[[socket.socket], None]
+"""Marks an accepted socket's connection as closing in the data plane (before its FIN)."""
 
 
 @functools.cache
@@ -69,7 +71,7 @@ def _recv_exact(sock: socket.socket, n: int) -> bytes:
 # ---- server ----------------------------------------------------------------
 
 
-def _serve_one(conn: socket.socket, mark_closing: Callable[[socket.socket], None] | None) -> None:
+def _serve_one(conn: socket.socket, mark_closing: Marker | None) -> None:
     peer = conn.getpeername()
     with conn:
         try:
@@ -103,9 +105,7 @@ def _serve_one(conn: socket.socket, mark_closing: Callable[[socket.socket], None
             return
 
 
-def serve(
-    host: str, port: int, mark_closing: Callable[[socket.socket], None] | None = None
-) -> None:
+def serve(host: str, port: int, mark_closing: Marker | None = None) -> None:
     """Serve streams on HOST:PORT forever (one thread pair per connection)."""
     srv = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -252,23 +252,33 @@ def add_parser(sub: Any) -> None:
     run.set_defaults(func=_run_cli)
 
 
-def _split(address: str) -> tuple[str, int]:
+def split_address(address: str) -> tuple[str, int]:
+    """HOST:PORT as the tools' command lines take it."""
     host, _, port = address.rpartition(":")
     return host, int(port)
 
 
-def _serve_cli(args: argparse.Namespace) -> int:
-    if args.pin_dir:
-        from coral.dataplane import closing_marker
+def serve_marking(pin_dir: str | None, serve_fn: Callable[[Marker | None], None]) -> None:
+    """Run a server, giving it the data plane's closing marker for PIN_DIR (None: no
+    data plane, nothing to mark), so its FINs may leave."""
+    if pin_dir is None:
+        serve_fn(None)
+        return
+    from coral.dataplane import closing_marker
 
-        with closing_marker(args.pin_dir) as mark:
-            serve(*_split(args.address), mark)
-    else:
-        serve(*_split(args.address))
+    with closing_marker(pin_dir) as mark:
+        serve_fn(mark)
+
+
+def _serve_cli(args: argparse.Namespace) -> int:
+    host, port = split_address(args.address)
+    serve_marking(args.pin_dir, lambda mark: serve(host, port, mark))
     return 0
 
 
 def _run_cli(args: argparse.Namespace) -> int:
-    report = run_streams(*_split(args.address), args.streams, args.up, args.down, args.timeout)
+    report = run_streams(
+        *split_address(args.address), args.streams, args.up, args.down, args.timeout
+    )
     print(json.dumps(report.to_json()))
     return 0 if report.ok else 1
