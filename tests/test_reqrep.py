@@ -9,11 +9,11 @@ import threading
 
 import pytest
 
-from coral import cli, reqrep
+from coral import cli, reqrep, stream
 from coral.reqrep import ReqRepConfig
 
 
-def start_server(mark_closing: reqrep.MarkClosing | None = None) -> tuple[str, int]:
+def start_server(mark_closing: stream.Marker | None = None) -> tuple[str, int]:
     srv = reqrep.listen_socket("127.0.0.1", 0)
     threading.Thread(target=reqrep.serve, args=(srv, mark_closing), daemon=True).start()
     return srv.getsockname()
