@@ -5,10 +5,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import signal
 import sys
+from pathlib import Path
 from typing import Any
 
 from proxy.config import ProxyConfig, parse_hostport
+from proxy.logchannel import MIN_KEY_SIZE
+from proxy.replication import Phase, ReplicationError
 from proxy.server import Proxy
 
 
@@ -33,6 +37,22 @@ def add_parser(sub: Any) -> None:
         "--backend", type=_hostport, default=d.backend, help="server HOST:PORT (127.0.0.1:8080)"
     )
     p.add_argument("--pin-dir", help="data plane pin directory: mark closes there")
+    r = p.add_argument_group(
+        "replication",
+        "With --log-key-file (and --pin-dir), run as one of a replicated pair: this host's "
+        "role for the service LISTEN comes from the data plane.",
+    )
+    r.add_argument("--log-key-file", help="the logging channel's shared key (16+ bytes)")
+    r.add_argument("--log-listen", type=_hostport, help="HOST:PORT the backup listens on")
+    r.add_argument("--log-peer", type=_hostport, help="the peer's HOST:PORT (--log-listen there)")
+    r.add_argument("--log-local", help="source address toward the peer (the private link's)")
+    r.add_argument(
+        "--max-buffered-reply",
+        type=int,
+        default=d.max_buffered_reply,
+        help="replies up to this size are logged whole before sending (bytes)",
+    )
+    r.add_argument("--pause-at", choices=[str(p) for p in Phase], help="test hook")
     p.add_argument("--max-header-bytes", type=int, default=d.max_header_bytes, help="431 above")
     p.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes, help="413 above")
     p.add_argument("--idle-timeout", type=float, default=d.idle_timeout, help="s between requests")
@@ -41,16 +61,39 @@ def add_parser(sub: Any) -> None:
     p.set_defaults(func=_main)
 
 
-async def _serve(cfg: ProxyConfig) -> None:
+def _read_key(path: str | None) -> bytes | None:
+    if path is None:
+        return None
+    try:
+        key = Path(path).read_bytes().strip()
+    except OSError as e:
+        raise ValueError(f"cannot read the log key: {e}") from None
+    if len(key) < MIN_KEY_SIZE:
+        raise ValueError(f"{path}: the log key must be at least {MIN_KEY_SIZE} bytes")
+    return key
+
+
+async def _serve(cfg: ProxyConfig) -> int:
     proxy = Proxy(cfg)
-    await proxy.start()
+    try:
+        await proxy.start()
+    except ReplicationError as e:
+        print(f"coral proxy: {e}", file=sys.stderr)
+        await proxy.close()
+        return 2
     host, port = proxy.address
-    print(f"coral proxy: {host}:{port} -> {cfg.backend[0]}:{cfg.backend[1]}", file=sys.stderr)
+    role = f" ({proxy.replication.role.name.lower()})" if proxy.replication else ""
+    print(f"coral proxy: {host}:{port} -> {cfg.backend[0]}:{cfg.backend[1]}{role}", file=sys.stderr)
+    asyncio.get_running_loop().add_signal_handler(
+        signal.SIGUSR1, lambda: print(json.dumps(proxy.stats()), file=sys.stderr, flush=True)
+    )
     try:
         await proxy.serve_forever()
     finally:
+        stats = proxy.stats()
         await proxy.close()
-        print(json.dumps(proxy.stats()), flush=True)
+        print(json.dumps(stats), flush=True)
+    return 0
 
 
 def _main(args: argparse.Namespace) -> int:
@@ -64,6 +107,12 @@ def _main(args: argparse.Namespace) -> int:
             request_timeout=args.request_timeout,
             backend_timeout=args.backend_timeout,
             pin_dir=args.pin_dir,
+            log_key=_read_key(args.log_key_file),
+            log_listen=args.log_listen,
+            log_peer=args.log_peer,
+            log_local=args.log_local,
+            max_buffered_reply=args.max_buffered_reply,
+            pause_at=args.pause_at,
         )
     except ValueError as e:
         print(f"coral proxy: {e}", file=sys.stderr)
@@ -71,7 +120,5 @@ def _main(args: argparse.Namespace) -> int:
     try:
         import uvloop
     except ImportError:
-        asyncio.run(_serve(cfg))
-    else:
-        uvloop.run(_serve(cfg))
-    return 0
+        return asyncio.run(_serve(cfg))
+    return uvloop.run(_serve(cfg))

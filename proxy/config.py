@@ -44,16 +44,46 @@ class ProxyConfig:
     """How long a graceful close reads the client's unread input before closing."""
     pin_dir: str | None = None
     """Data plane pin directory: closes are marked there before the FIN."""
+    log_key: bytes | None = None
+    """Replicate (with pin_dir): the logging channel's shared key. This host's
+    role for the service comes from the data plane."""
+    log_listen: tuple[str, int] | None = None
+    """Where this proxy, as the backup, accepts the primary's logging channel."""
+    log_peer: tuple[str, int] | None = None
+    """Where this proxy, as the primary, finds the backup's logging channel."""
+    log_local: str | None = None
+    """The primary's source address for the channel (the private link's, if any)."""
+    max_buffered_reply: int = 8 * 1024 * 1024
+    """A reply up to this size is logged whole before its first byte reaches the
+    client. A longer one is logged and sent in pieces of this size; if the
+    primary fails within it, the backup re-executes the request and goes on
+    only if its new reply starts with exactly the bytes logged, else it closes
+    the connection (the client sees a short reply; counted: regenerated_mismatch)."""
+    mode_poll_interval: float = 0.01
+    """How often a replicating proxy reads the service's mode (to notice it is alone)."""
+    pause_at: str | None = None
+    """Test hook: stop at this Phase of the first request reaching it (see proxy.replication)."""
+
+    @property
+    def replicated(self) -> bool:
+        return self.log_key is not None
 
     def __post_init__(self) -> None:
         if self.max_header_bytes < 64 or self.max_body_bytes < 0:
             raise ValueError("max_header_bytes must be at least 64, max_body_bytes not negative")
+        if self.replicated and self.pin_dir is None:
+            raise ValueError("replication needs the data plane's pin directory")
+        if self.replicated and (self.log_listen is None or self.log_peer is None):
+            raise ValueError("replication needs both log_listen and log_peer")
+        if self.max_buffered_reply < 1024:
+            raise ValueError("max_buffered_reply must be at least 1024")
         timeouts = (
             self.idle_timeout,
             self.request_timeout,
             self.backend_connect_timeout,
             self.backend_timeout,
             self.drain_timeout,
+            self.mode_poll_interval,
         )
         if min(timeouts) <= 0:
             raise ValueError("timeouts must be positive")

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from coral.bpf.structs import Role
 from proxy.config import ProxyConfig
 from proxy.http import (
     BackendProtocolError,
@@ -31,6 +32,9 @@ from proxy.http import (
     backend_request,
     error_reply,
 )
+from proxy.logframe import ConnId
+from proxy.mirror import Resume, mirror
+from proxy.replication import Phase, Replication
 from proxy.requestid import request_id
 
 if TYPE_CHECKING:
@@ -92,16 +96,22 @@ class _ProxyReply(Exception):
 
 
 class Proxy:
-    """The front proxy: listens on cfg.listen, forwards to cfg.backend."""
+    """The front proxy: listens on cfg.listen, forwards to cfg.backend; with
+    cfg.log_key, one of a replicated pair (proxy/replication.py)."""
 
     def __init__(self, cfg: ProxyConfig) -> None:
         self.cfg = cfg
         self.counters = Counters()
         self._server: asyncio.Server | None = None
         self._marker: ClosingMarker | None = None
+        self.replication: Replication | None = None
 
     async def start(self) -> None:
-        if self.cfg.pin_dir is not None:
+        """Listen; ReplicationError if the data plane does not know the service."""
+        if self.cfg.replicated:
+            self.replication = Replication(self.cfg)
+            await self.replication.start()
+        elif self.cfg.pin_dir is not None:
             from coral.dataplane import closing_marker
 
             self._marker = closing_marker(self.cfg.pin_dir)
@@ -128,9 +138,16 @@ class Proxy:
         if self._marker is not None:
             self._marker.close()
             self._marker = None
+        if self.replication is not None:
+            await self.replication.close()
+            self.replication = None
 
     def stats(self) -> dict[str, Any]:
-        return self.counters.snapshot()
+        stats = self.counters.snapshot()
+        if self.replication is not None:
+            stats["replication"] = {"role": self.replication.role.name.lower()}
+            stats["replication"].update(self.replication.counters)
+        return stats
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.counters.connections += 1
@@ -138,22 +155,59 @@ class Proxy:
 
 
 class ClientConnection:
-    """One client connection and its backend connection."""
+    """One client connection and its backend connection.
+
+    Alone (a standalone proxy, a connection this host serves alone, or any
+    connection once the peer failed) it forwards and relays. The primary of
+    a replicated connection logs every reply and the close before the client
+    sees them (_emit, close). The backup mirrors the primary's log
+    (proxy/mirror.py) until the primary closes the connection or fails, then
+    carries on alone from where the log ends.
+    """
 
     def __init__(
         self, proxy: Proxy, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
         self.cfg = proxy.cfg
         self.counters = proxy.counters
-        self.mark: Marker | None = proxy._marker
+        self.replication = proxy.replication
+        self.mark: Marker | None = (
+            proxy._marker if self.replication is None else self.replication.mark_closing
+        )
         self.reader = reader
         self.writer = writer
         self.client_ip, self.client_port = writer.get_extra_info("peername")[:2]
         self.parser = RequestParser(self.cfg.max_header_bytes, self.cfg.max_body_bytes)
         self.backend: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
+        self.conn: ConnId | None = None
+        """The replicated connection's identity; None when served alone from the start."""
+        self.offset = 0
+        """Bytes of the reply stream written to the client's socket."""
+        self.pending_error: int | None = None
+        """An error status the input called for, not answered yet (the backup leaves
+        answers to the primary)."""
+        self.resume: Resume | None = None
+        """After a failover, the logged prefix of a reply this host regenerates."""
+        self._held = bytearray()
+
+    @property
+    def logging(self) -> bool:
+        """This host is the primary of a replicated connection, and the pair stands."""
+        rep = self.replication
+        return (
+            rep is not None
+            and self.conn is not None
+            and rep.role is Role.PRIMARY
+            and not rep.alone.is_set()
+        )
 
     async def run(self) -> None:
         try:
+            if self.replication is not None:
+                self.conn = self.replication.conn_id(self.writer.get_extra_info("socket"))
+                backup = self.conn is not None and self.replication.role is Role.BACKUP
+                if backup and await mirror(self, self.replication):
+                    return  # the primary closed the connection
             await self._serve()
         except (OSError, TimeoutError):
             self.counters.aborted += 1  # the client went away, or stopped reading
@@ -161,12 +215,16 @@ class ClientConnection:
             self.counters.internal_errors += 1
             log.exception("connection from %s:%s", self.client_ip, self.client_port)
         finally:
+            if self.replication is not None and self.conn is not None:
+                self.replication.release(self.conn)
             self._close_backend()
             await self.close()
 
     async def _serve(self) -> None:
         while True:
-            error = await self._read_requests()
+            error, self.pending_error = self.pending_error, None
+            if error is None:
+                error = await self._read_requests()
             if error is None and not self.parser.complete:
                 return
             while self.parser.complete:
@@ -174,8 +232,14 @@ class ClientConnection:
                 if not await self._forward(request):
                     return
             if error is not None:
-                self._send_error(error)
+                await self._send_error(self.failing_request_no, error)
                 return
+
+    @property
+    def failing_request_no(self) -> int:
+        """The number of the request the input error belongs to (both hosts agree:
+        they parse the same bytes)."""
+        return self.parser.count if self.parser.in_request else self.parser.count + 1
 
     async def _read_requests(self) -> int | None:
         """Read until a request is complete; the error status if the input calls for one.
@@ -208,9 +272,11 @@ class ClientConnection:
     async def _forward(self, request: Request) -> bool:
         """Send REQUEST to the backend and relay its reply; False once the connection must close."""
         self.counters.requests += 1
-        rid = request_id(self.client_ip, self.client_port, request.number)
+        isn = self.conn.isn if self.conn is not None else 0
+        rid = request_id(self.client_ip, self.client_port, isn, request.number)
         wire = backend_request(request, self.client_ip, rid)
         close_after = not request.keep_alive or request.version == "1.0"
+        await self._pause(Phase.REQUEST_READ, request.number)
         try:
             try:
                 framer = await self._exchange(request, wire, close_after)
@@ -221,7 +287,7 @@ class ClientConnection:
                 framer = await self._exchange(request, wire, close_after)
         except _ProxyReply as e:
             self._close_backend()
-            self._send_error(e.status)
+            await self._send_error(request.number, e.status)
             return False
         if not framer.keep_alive or framer.until_eof:
             self._close_backend()
@@ -233,7 +299,8 @@ class ClientConnection:
         reused = self.backend is not None
         reader, writer = await self._backend()
         framer = ReplyFramer(request.method == b"HEAD")
-        received = sent = False
+        received = False
+        start = self.offset
         writer.write(wire)
         while not framer.done:
             try:
@@ -242,6 +309,7 @@ class ClientConnection:
                 if not data:
                     if framer.until_eof:
                         self.counters.replies[framer.status] += 1
+                        await self._emit(request.number, b"", True)
                         break
                     raise _BackendClosed
                 received = True
@@ -250,18 +318,54 @@ class ClientConnection:
                     self.counters.replies[framer.status] += 1
             except (TimeoutError, OSError, _BackendClosed, BackendProtocolError) as e:
                 self._close_backend()
-                if sent:
+                self._held.clear()
+                if self.offset > start or self.resume is not None:
                     raise ConnectionAbortedError("backend failed mid-reply") from e
                 if reused and not received and isinstance(e, (OSError, _BackendClosed)):
                     raise _BackendClosed from e
                 raise _ProxyReply(504 if isinstance(e, TimeoutError) else 502) from e
-            if out:
-                sent = True
-                self.writer.write(out)
-                self.counters.bytes_out += len(out)
-                async with asyncio.timeout(self.cfg.idle_timeout):
-                    await self.writer.drain()  # a client that stops reading times out
+            await self._emit(request.number, out, framer.done)
         return framer
+
+    async def _emit(self, request_no: int, data: bytes, final: bool) -> None:
+        """Reply bytes toward the client (FINAL: they end the reply). The primary logs
+        them first: the whole reply up to cfg.max_buffered_reply, pieces of that
+        size beyond it."""
+        if self.resume is not None:
+            data = self.resume.past_prefix(data, final)
+            if self.resume.done:
+                self.resume = None
+        if self.logging:
+            assert self.replication is not None and self.conn is not None
+            self._held += data
+            if not final and len(self._held) < self.cfg.max_buffered_reply:
+                return
+            data = bytes(self._held)
+            self._held.clear()
+            if final:
+                await self._pause(Phase.REPLY_RECEIVED, request_no)
+            await self.replication.log_reply(self.conn, request_no, self.offset, data, final)
+            if final:
+                await self._pause(Phase.REPLY_LOGGED, request_no)
+                if self.cfg.pause_at == Phase.REPLY_PARTIAL and len(data) > 1:
+                    await self._write(data[: len(data) // 2])
+                    await self._pause(Phase.REPLY_PARTIAL, request_no)
+                    data = data[len(data) // 2 :]
+        await self._write(data)
+
+    async def _write(self, data: bytes) -> None:
+        if not data:
+            return
+        self.writer.write(data)
+        self.offset += len(data)
+        self.counters.bytes_out += len(data)
+        async with asyncio.timeout(self.cfg.idle_timeout):
+            await self.writer.drain()  # a client that stops reading times out
+
+    async def _pause(self, phase: Phase, request_no: int) -> None:
+        if self.logging and self.cfg.pause_at == phase:
+            assert self.replication is not None and self.conn is not None
+            await self.replication.pause(phase, self.conn, request_no)
 
     async def _backend(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         if self.backend is None:
@@ -278,20 +382,22 @@ class ClientConnection:
             self.backend[1].close()
             self.backend = None
 
-    def _send_error(self, status: int) -> None:
+    async def _send_error(self, request_no: int, status: int) -> None:
         self.counters.errors[status] += 1
-        reply = error_reply(status)
-        self.counters.bytes_out += len(reply)
-        self.writer.write(reply)
+        await self._emit(request_no, error_reply(status), True)
 
     async def close(self) -> None:
-        """Close gracefully: mark the connection closing in the data plane, shut
-        the write side, read the client's input until EOF (bounded), then close.
+        """Close gracefully: log the close (primary), mark the connection closing in
+        the data plane, shut the write side, read the client's input until EOF
+        (bounded), then close.
 
         The mark comes first so the data plane knows this FIN is a legitimate
         close; draining means no unread data is left, so the kernel sends no RST."""
         writer = self.writer
         try:
+            if self.logging:
+                assert self.replication is not None and self.conn is not None
+                await self.replication.log_close(self.conn, self.offset)
             async with asyncio.timeout(self.cfg.drain_timeout):
                 await writer.drain()
                 if self.mark is not None:

@@ -11,11 +11,12 @@ import sys
 import threading
 import time
 from collections.abc import Coroutine, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import httptools
 import pytest
+from httpwire import get, read_replies
 
 from coral import netns
 from coral.lab import Lab
@@ -134,60 +135,8 @@ def harness() -> Iterator[Harness]:
         h.close()
 
 
-@dataclass
-class Reply:
-    status: int
-    headers: dict[str, str]
-    body: bytes = b""
-
-
-@dataclass
-class Replies:
-    """Replies parsed off a client socket, and its raw bytes."""
-
-    items: list[Reply] = field(default_factory=list)
-    raw: bytes = b""
-    eof: bool = False
-    complete: int = 0
-
-    def __post_init__(self) -> None:
-        self.parser = httptools.HttpResponseParser(self)
-
-    def on_message_begin(self) -> None:
-        self.items.append(Reply(0, {}))
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self.items[-1].headers[name.decode().lower()] = value.decode()
-
-    def on_body(self, body: bytes) -> None:
-        self.items[-1].body += body
-
-    def on_message_complete(self) -> None:
-        self.items[-1].status = self.parser.get_status_code()
-        self.complete += 1
-
-
-def read_replies(sock: socket.socket, count: int, until_eof: bool = False) -> Replies:
-    """Read COUNT complete replies (and then EOF if UNTIL_EOF); a RST raises."""
-    got = Replies()
-    sock.settimeout(5)
-    while got.complete < count or (until_eof and not got.eof):
-        data = sock.recv(65536)
-        if not data:
-            got.eof = True
-            break
-        got.raw += data
-        got.parser.feed_data(data)
-    assert got.complete >= count, f"only {got.complete} replies of {count}"
-    return got
-
-
 def connect(addr: tuple[str, int]) -> socket.socket:
     return socket.create_connection(addr, timeout=5)
-
-
-def get(target: str, extra: str = "") -> bytes:
-    return f"GET {target} HTTP/1.1\r\nHost: test\r\n{extra}\r\n".encode()
 
 
 def test_keep_alive_and_forwarding_headers(harness: Harness) -> None:
@@ -201,9 +150,10 @@ def test_keep_alive_and_forwarding_headers(harness: Harness) -> None:
             seen = harness.seen[-1]
             assert seen.headers["x-forwarded-for"] == "10.0.0.1, 127.0.0.1"
             assert seen.headers["forwarded"] == "for=127.0.0.1"
-            assert seen.headers["x-request-id"] == request_id("127.0.0.1", port, n)
-    assert request_id("127.0.0.1", port, 1) == request_id("127.0.0.1", port, 1)
-    assert request_id("127.0.0.1", port, 1) != request_id("127.0.0.1", port + 1, 1)
+            assert seen.headers["x-request-id"] == request_id("127.0.0.1", port, 0, n)
+    assert request_id("127.0.0.1", port, 0, 1) == request_id("127.0.0.1", port, 0, 1)
+    assert request_id("127.0.0.1", port, 0, 1) != request_id("127.0.0.1", port + 1, 0, 1)
+    assert request_id("127.0.0.1", port, 0, 1) != request_id("127.0.0.1", port, 7, 1)
     stats = harness.proxies[0].stats()
     assert stats["requests"] == 3 and stats["replies"] == {"200": 3}
 

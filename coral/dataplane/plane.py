@@ -277,6 +277,10 @@ class PlaneView:
     def mode(self, vip: str, port: int) -> Mode:
         return _mode_of(self._service(vip, port)[1].mode)
 
+    def service(self, vip: str, port: int) -> Service:
+        """VIP:PORT's entry; DataPlaneError if it is not configured."""
+        return Service.of(*self._service(vip, port), time.monotonic_ns())
+
     def _service(self, vip: str, port: int) -> tuple[ServiceKey, ServiceState]:
         key = ServiceKey.of(_ipv4(vip, "VIP"), _port(port))
         state = self.maps.services.get(key)
@@ -317,6 +321,13 @@ class PlaneView:
     def connections(self) -> list[Connection]:
         closing = {bytes(k) for k in self.maps.closing}
         return [Connection.of(k, s, bytes(k) in closing) for k, s in self.maps.conns.items()]
+
+    def connection_of(self, sock: socket.socket) -> Connection | None:
+        """The replicated connection of the accepted socket SOCK; None if this
+        host serves it alone (not in coral_conns)."""
+        key = socket_key(sock)
+        state = self.maps.conns.get(key)
+        return None if state is None else Connection.of(key, state, False)
 
     def handshakes(self) -> int:
         """Half-open handshakes awaiting adoption (coral_handshakes entries)."""
@@ -623,6 +634,16 @@ def _socket_keys() -> set[bytes]:
     return keys
 
 
+def socket_key(sock: socket.socket) -> ConnKey:
+    """The coral_conns key of the accepted socket SOCK (client -> local address)."""
+    client, client_port = sock.getpeername()[:2]
+    local, local_port = sock.getsockname()[:2]
+    client4, local4 = _unmapped(client), _unmapped(local)
+    if client4 is None or local4 is None:
+        raise DataPlaneError(f"{client} -> {local}: the data plane handles IPv4 only")
+    return ConnKey.of(client4, client_port, local4, local_port)
+
+
 def open_view(pin_dir: str | os.PathLike[str]) -> PlaneView:
     """The data plane whose maps are pinned in PIN_DIR, read only. The view
     owns the map fds until close()."""
@@ -654,12 +675,7 @@ class ClosingMarker:
 
     def __call__(self, sock: socket.socket) -> None:
         """Mark SOCK's connection; call before shutting it down."""
-        client, client_port = sock.getpeername()[:2]
-        local, local_port = sock.getsockname()[:2]
-        client4, local4 = _unmapped(client), _unmapped(local)
-        if client4 is None or local4 is None:
-            raise DataPlaneError(f"{client} -> {local}: the data plane handles IPv4 only")
-        _mark(self._closing, ConnKey.of(client4, client_port, local4, local_port))
+        _mark(self._closing, socket_key(sock))
 
     def close(self) -> None:
         self._closing.map.close()

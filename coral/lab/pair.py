@@ -15,17 +15,22 @@ lab's removal takes the rest).
 
 from __future__ import annotations
 
+import secrets
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from coral import netns
 from coral.bpf.structs import Mode, Role
 from coral.dataplane import DataPlane, identity, settings
 from coral.lab.lab import Lab
 from coral.lab.topology import (
+    APACHE_PORT,
     LAN_IF,
+    PRIVATE_IPS,
     ROUTER_LAN_IP,
     SERVER_LAN_IPS,
     SERVICE_PORT,
@@ -34,6 +39,8 @@ from coral.lab.topology import (
 )
 
 HOSTS = ("primary", "backup")
+LOG_PORT = 7000
+"""The proxies' logging channel (over the private link when the lab has one)."""
 LEASE_S = 3600.0
 """The stand-in agent never lets a lease lapse by itself; crash() fences instead."""
 
@@ -50,7 +57,8 @@ class Pair:
     vip: str = SERVICE_VIP
     port: int = SERVICE_PORT
     planes: dict[str, DataPlane] = field(default_factory=dict)
-    procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    procs: list[tuple[str, subprocess.Popen[bytes]]] = field(default_factory=list)
+    """(host, process) of every service program started, oldest first."""
 
     @classmethod
     def up(
@@ -99,10 +107,39 @@ class Pair:
         """Start the same service program on both hosts (ARGV(host) builds its command);
         its output goes to service.log in the host's lab directory."""
         for host in HOSTS:
-            with open(self.lab.dir / host / "service.log", "ab") as log:
-                self.procs.append(
-                    self.lab.popen(host, argv(host), stdout=log, stderr=subprocess.STDOUT)
-                )
+            with open(self.service_log(host), "ab") as log:
+                proc = self.lab.popen(host, argv(host), stdout=log, stderr=subprocess.STDOUT)
+                self.procs.append((host, proc))
+
+    def service(self, host: str) -> subprocess.Popen[bytes]:
+        """The service program started last on HOST."""
+        return next(proc for h, proc in reversed(self.procs) if h == host)
+
+    def start_proxies(self, *options: str) -> None:
+        """The replicating front proxy on both hosts (VIP:PORT -> the host's Apache),
+        with extra `coral proxy` OPTIONS; returns once both listen."""
+        key = self.lab.dir / "log.key"
+        if not key.exists():
+            key.touch(mode=0o600)
+            key.write_bytes(secrets.token_hex(32).encode())
+        addrs = PRIVATE_IPS if self.lab.topo.private_link else SERVER_LAN_IPS
+
+        def argv(host: str) -> list[str]:
+            own, peer = addrs[host], addrs[peer_of(host)]
+            return [
+                *(sys.executable, "-m", "coral", "proxy", "--listen", f"{self.vip}:{self.port}"),
+                *("--backend", f"127.0.0.1:{APACHE_PORT}", "--pin-dir", str(self.pin_dir(host))),
+                *("--log-key-file", str(key), "--log-listen", f"{own}:{LOG_PORT}"),
+                *("--log-peer", f"{peer}:{LOG_PORT}", "--log-local", own, *options),
+            ]
+
+        self.start(argv)
+        for host in HOSTS:
+            if not netns.wait_tcp(self.lab.namespace(host), self.vip, self.port, 10):
+                raise LabError(f"the proxy on {host} did not start: see {self.service_log(host)}")
+
+    def service_log(self, host: str) -> Path:
+        return self.lab.dir / host / "service.log"
 
     def wait_progress(self, count: int, progress: int, timeout: float) -> None:
         """Wait until COUNT replicated connections each moved PROGRESS bytes both ways
@@ -142,13 +179,17 @@ class Pair:
     def crash(self, host: str, mode: str) -> None:
         """Fail HOST (coral lab crash) and let its peer take over, as agents would."""
         self.lab.crash(host, mode)
-        # A crashed host's agent stops renewing: its lease lapses. Fencing
+        self.fail_over(host)
+
+    def fail_over(self, host: str) -> None:
+        """HOST failed (the caller made it so): its peer takes over, as agents would."""
+        # A failed host's agent stops renewing: its lease lapses. Fencing
         # stands for that lapse, so the survivor never overlaps with it.
         self.planes[host].fence()
         self.take_over(peer_of(host))
 
     def close(self) -> None:
-        for proc in self.procs:
+        for _, proc in self.procs:
             proc.kill()
             proc.wait()
         for plane in self.planes.values():
