@@ -183,6 +183,22 @@ static __always_inline enum coral_reason coral_backup_fake_ack(struct __sk_buff 
 	return CORAL_PASS_FAKE_ACK;
 }
 
+/* A reset the backup sends alone carries the client's latest acknowledgement
+ * as its sequence number: the backup's own may lag what the client holds
+ * (bytes the primary sent that the backup never wrote, or an acknowledgement
+ * clamped on the way in), and the client accepts a reset only at the
+ * sequence number it expects next (RFC 5961). */
+static __always_inline int coral_backup_reset_seq(struct __sk_buff *skb,
+						  const struct coral_pkt *pkt,
+						  const struct coral_conn_state *c,
+						  const struct coral_seg *seg)
+{
+	if (!seg->rst || !c->client_ack || !coral_after(c->client_ack, seg->seq))
+		return 0;
+	return coral_tcp_store_u32(skb, pkt->l4_off, CORAL_TCP_SEQ_OFF, bpf_htonl(seg->seq),
+				   bpf_htonl(c->client_ack));
+}
+
 /* Service -> client on the backup: returns the tc action (it counts). */
 static __always_inline int coral_backup_out(struct __sk_buff *skb, const struct coral_pkt *pkt,
 					    const struct coral_service *svc)
@@ -222,6 +238,8 @@ static __always_inline int coral_backup_out(struct __sk_buff *skb, const struct 
 	if (lag && coral_store_macs(skb, seg.eth_dst, seg.eth_src))
 		return coral_verdict(skb, CORAL_DROP_REWRITE_FAILED);
 	r = coral_close_policy(skb, pkt, &key, &seg);
+	if (r == CORAL_PASS_CLOSE && coral_backup_reset_seq(skb, pkt, c, &seg))
+		return coral_verdict(skb, CORAL_DROP_REWRITE_FAILED);
 	return coral_verdict(skb, r == CORAL_CONTINUE ? CORAL_PASS_SERVICE : r);
 }
 

@@ -52,6 +52,19 @@ def add_parser(sub: Any) -> None:
         default=d.max_buffered_reply,
         help="replies up to this size are logged whole before sending (bytes)",
     )
+    r.add_argument(
+        "--deterministic",
+        action="append",
+        default=[],
+        metavar="PREFIX",
+        help="URL path prefix of deterministic content (repeat): the backup generates "
+        "the body, only the head and a digest are logged",
+    )
+    r.add_argument(
+        "--sync-static",
+        action="store_true",
+        help="deterministic content: also wait until the backup generated the body",
+    )
     r.add_argument("--pause-at", choices=[str(p) for p in Phase], help="test hook")
     p.add_argument("--max-header-bytes", type=int, default=d.max_header_bytes, help="431 above")
     p.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes, help="413 above")
@@ -113,6 +126,8 @@ def _main(args: argparse.Namespace) -> int:
             log_local=args.log_local,
             max_buffered_reply=args.max_buffered_reply,
             pause_at=args.pause_at,
+            deterministic_prefixes=tuple(args.deterministic),
+            sync_static=args.sync_static,
         )
     except ValueError as e:
         print(f"coral proxy: {e}", file=sys.stderr)

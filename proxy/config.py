@@ -59,6 +59,14 @@ class ProxyConfig:
     primary fails within it, the backup re-executes the request and goes on
     only if its new reply starts with exactly the bytes logged, else it closes
     the connection (the client sees a short reply; counted: regenerated_mismatch)."""
+    deterministic_prefixes: tuple[str, ...] = ()
+    """URL paths with these prefixes give the same body on both hosts (static
+    files): the primary logs the reply's head and the body's digest and
+    length; the backup generates the body from its own backend and checks it."""
+    sync_static: bool = False
+    """For deterministic content, the primary waits until the backup has generated
+    and checked the body too (CoRAL's "sync static": the backup never falls
+    behind), not only until it holds the head."""
     mode_poll_interval: float = 0.01
     """How often a replicating proxy reads the service's mode (to notice it is alone)."""
     pause_at: str | None = None
@@ -75,6 +83,8 @@ class ProxyConfig:
             raise ValueError("replication needs the data plane's pin directory")
         if self.replicated and (self.log_listen is None or self.log_peer is None):
             raise ValueError("replication needs both log_listen and log_peer")
+        if any(not p.startswith("/") for p in self.deterministic_prefixes):
+            raise ValueError("deterministic prefixes are URL paths: they start with /")
         if self.max_buffered_reply < 1024:
             raise ValueError("max_buffered_reply must be at least 1024")
         timeouts = (

@@ -224,6 +224,14 @@ class ReplyFramer:
         self._messages = 0
         self._head = bytearray()
         self._head_sent = False
+        self.head_length = 0
+        """Bytes of the client's head (known once it is sent)."""
+
+    @property
+    def sized(self) -> bool:
+        """The body is framed by Content-Length alone (no chunking, not until EOF)."""
+        names = {k.lower() for k, _ in self.headers}
+        return b"content-length" in names and b"transfer-encoding" not in names
 
     @property
     def until_eof(self) -> bool:
@@ -255,7 +263,9 @@ class ReplyFramer:
         assert end >= 0, "httptools accepted a head without an empty line"
         self._head_sent = True
         rest = b"" if self.head_request else bytes(self._head[end + len(_HEAD_END) :])
-        return self._client_head(bytes(self._head[: self._head.find(b"\r\n")]), close_after) + rest
+        head = self._client_head(bytes(self._head[: self._head.find(b"\r\n")]), close_after)
+        self.head_length = len(head)
+        return head + rest
 
     def _client_head(self, status_line: bytes, close_after: bool) -> bytes:
         dropped = (HOP_BY_HOP - _REPLY_KEPT) | _connection_tokens(self.headers)

@@ -163,6 +163,8 @@ class LogRecord:
     offset: int
     data: bytes = b""
     final: bool = False
+    digest: bool = False
+    """DATA is a digest_payload (deterministic content), not the reply's bytes."""
 
 
 async def _read_frame(reader: asyncio.StreamReader) -> tuple[Frame, bytes, bytes]:
@@ -333,7 +335,8 @@ class _Pending:
     end: int
     """Reply-stream offset just past the record: an ACK at or beyond it covers it."""
     size: int
-    future: asyncio.Future[None] = field(repr=False)
+    future: asyncio.Future[bool] = field(repr=False)
+    """Resolved with the ACK's Flag.MISMATCH."""
 
 
 class PrimaryChannel:
@@ -380,11 +383,21 @@ class PrimaryChannel:
         return self._inflight
 
     async def log_reply(
-        self, conn: ConnId, request_no: int, offset: int, data: bytes, final: bool
-    ) -> None:
+        self,
+        conn: ConnId,
+        request_no: int,
+        offset: int,
+        data: bytes,
+        final: bool,
+        digest: bool = False,
+    ) -> bool:
         """Log DATA, the reply bytes of request REQUEST_NO at OFFSET of CONN's reply
-        stream (FINAL: they end the reply); returns once the backup acknowledged them."""
+        stream (FINAL: they end the reply; DIGEST: DATA is a digest_payload);
+        returns once the backup acknowledged them: True if the backup asks for
+        the body of a DIGEST record (its own differed)."""
         size = len(data)
+        if digest and size > MAX_PAYLOAD:
+            raise ValueError("a digest record must fit one frame")
         async with self._admit:
             while (
                 self._error is None
@@ -401,12 +414,14 @@ class PrimaryChannel:
         for start in range(0, max(size, 1), MAX_PAYLOAD):
             last = start + MAX_PAYLOAD >= size
             flags = Flag.FINAL if final and last else Flag.NONE
+            if digest:
+                flags |= Flag.DIGEST
             if not last:
                 flags |= Flag.MORE
             chunk = data[start : start + MAX_PAYLOAD]
             self._link.write(Frame(FrameType.REPLY, conn, request_no, offset + start, chunk, flags))
         self.counters.bytes_logged += size
-        await self._send_and_wait(pending.future)
+        return await self._send_and_wait(pending.future)
 
     async def log_close(self, conn: ConnId, offset: int) -> None:
         """Log that the primary closes CONN at OFFSET of its reply stream; returns on the ACK."""
@@ -426,12 +441,12 @@ class PrimaryChannel:
         with contextlib.suppress(asyncio.CancelledError):
             await self._reader
 
-    async def _send_and_wait(self, future: asyncio.Future[None]) -> None:
+    async def _send_and_wait(self, future: asyncio.Future[bool]) -> bool:
         try:
             await self._link.drain()
         except PeerLost as e:
             self._fail(e)
-        await future
+        return await future
 
     async def _read_loop(self) -> None:
         try:
@@ -453,7 +468,7 @@ class PrimaryChannel:
             if close is None or close.end != frame.offset:
                 raise ProtocolError(f"ACK for a close of {frame.conn} that was not logged")
             del self._closes[frame.conn]
-            _resolve(close.future)
+            _resolve(close.future, False)
         else:
             key = (frame.conn, frame.request_no)
             queue = self._replies.get(key)
@@ -464,7 +479,7 @@ class PrimaryChannel:
             while queue and queue[0].end <= frame.offset:
                 done = queue.popleft()
                 self._inflight -= done.size
-                _resolve(done.future)
+                _resolve(done.future, bool(frame.flags & Flag.MISMATCH))
             if not queue:
                 del self._replies[key]
             self._room.set()
@@ -488,9 +503,9 @@ class PrimaryChannel:
         self._link.abort(error)
 
 
-def _resolve(future: asyncio.Future[None]) -> None:
+def _resolve(future: asyncio.Future[bool], value: bool) -> None:
     if not future.done():  # its caller may have been cancelled
-        future.set_result(None)
+        future.set_result(value)
 
 
 class BackupChannel:
@@ -523,13 +538,15 @@ class BackupChannel:
             self._delivered[item.conn, item.request_no] = item.offset + len(item.data)
         return item
 
-    async def ack(self, conn: ConnId, request_no: int) -> None:
-        """Acknowledge every delivered record of request REQUEST_NO on CONN."""
+    async def ack(self, conn: ConnId, request_no: int, mismatch: bool = False) -> None:
+        """Acknowledge every delivered record of request REQUEST_NO on CONN (MISMATCH:
+        ask for the body of the DIGEST record just delivered)."""
         try:
             end = self._delivered.pop((conn, request_no))
         except KeyError:
             raise ValueError(f"no reply to request {request_no} of {conn} to acknowledge") from None
-        await self._send_ack(Frame(FrameType.ACK, conn, request_no, end))
+        flags = Flag.MISMATCH if mismatch else Flag.NONE
+        await self._send_ack(Frame(FrameType.ACK, conn, request_no, end, flags=flags))
 
     async def ack_close(self, conn: ConnId) -> None:
         """Acknowledge the delivered CLOSE of CONN."""
@@ -600,7 +617,10 @@ def _record(parts: list[Frame]) -> LogRecord:
     first = parts[0]
     data = b"".join(p.payload for p in parts)
     final = bool(parts[-1].flags & Flag.FINAL)
-    return LogRecord(FrameType.REPLY, first.conn, first.request_no, first.offset, data, final)
+    digest = bool(first.flags & Flag.DIGEST)
+    return LogRecord(
+        FrameType.REPLY, first.conn, first.request_no, first.offset, data, final, digest
+    )
 
 
 class LogListener:

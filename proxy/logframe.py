@@ -85,6 +85,11 @@ class Flag(enum.IntFlag):
     """REPLY: more frames of the same record follow (a split record)."""
     CLOSE = 4
     """ACK: acknowledges a CLOSE rather than a REPLY."""
+    MISMATCH = 16
+    """ACK of a DIGEST record: the backup's own body differs; log the real one."""
+    DIGEST = 8
+    """REPLY: deterministic content. The payload is the reply's head, then the
+    body's SHA-256 and length (digest_payload): the backup generates the body."""
 
 
 class ErrorCode(enum.IntEnum):
@@ -214,6 +219,22 @@ def session_keys(key: bytes, nonce_p: bytes, nonce_b: bytes) -> tuple[bytes, byt
         hmac.digest(session, b"primary->backup", "sha256"),
         hmac.digest(session, b"backup->primary", "sha256"),
     )
+
+
+_BODY = struct.Struct(">32sQ")
+
+
+def digest_payload(head: bytes, body_sha256: bytes, body_length: int) -> bytes:
+    """A Flag.DIGEST record's payload: the exact head, then what the body must be."""
+    return head + _BODY.pack(body_sha256, body_length)
+
+
+def split_digest_payload(payload: bytes) -> tuple[bytes, bytes, int]:
+    """(head, body SHA-256, body length) of a Flag.DIGEST payload; FrameError if too short."""
+    if len(payload) < _BODY.size:
+        raise FrameError(f"a digest record of {len(payload)} bytes")
+    digest, length = _BODY.unpack(payload[-_BODY.size :])
+    return payload[: -_BODY.size], digest, length
 
 
 def error_frame(code: ErrorCode, reason: str) -> Frame:

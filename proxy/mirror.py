@@ -26,8 +26,9 @@ import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from proxy.http import RequestError
-from proxy.logframe import FrameType
+from proxy.http import Request, RequestError
+from proxy.logchannel import BackupChannel, LogRecord
+from proxy.logframe import FrameType, split_digest_payload
 
 if TYPE_CHECKING:
     from proxy.replication import Replication
@@ -68,6 +69,14 @@ class Resume:
         return data[take:]
 
 
+class Diverged(ConnectionAbortedError):
+    """This host's copy of the reply stream differs from what the client may have
+    received (a deterministic body that was not): the connection is aborted."""
+
+    def __init__(self, conn: object) -> None:
+        super().__init__(f"{conn}: the backup's reply stream diverged; not continued")
+
+
 class RegeneratedMismatch(ConnectionAbortedError):
     """A re-executed request's reply differs from the part already logged."""
 
@@ -82,9 +91,10 @@ async def mirror(c: ClientConnection, rep: Replication) -> bool:
     box = rep.mailbox(c.conn)
     room = asyncio.Event()
     room.set()
+    parsed = asyncio.Event()
     replied_through = 0
     partial: _Prefix | None = None
-    reading = asyncio.create_task(_read_ahead(c, room, lambda: replied_through))
+    reading = asyncio.create_task(_read_ahead(c, room, parsed, lambda: replied_through))
     alone = asyncio.create_task(rep.alone.wait())
     try:
         while True:
@@ -97,15 +107,18 @@ async def mirror(c: ClientConnection, rep: Replication) -> bool:
             if record.type == FrameType.CLOSE:
                 await rep.ack_close(channel, record)
                 return True
-            if record.offset != c.offset:
+            if record.offset != c.offset and not c.diverged:
                 log.error(
                     "%s: record of request %d at offset %d, but %d bytes are written",
                     c.conn, record.request_no, record.offset, c.offset,
                 )  # fmt: skip
-            c.writer.write(record.data)
-            c.offset += len(record.data)
-            c.counters.bytes_out += len(record.data)
-            await rep.ack(channel, record)
+            if c.diverged:
+                await rep.ack(channel, record)  # the primary goes on; this host cannot
+            elif record.digest:
+                await _generate(c, rep, channel, record, parsed)
+            else:
+                _write(c, record.data)
+                await rep.ack(channel, record)
             if record.final:
                 replied_through, partial = record.request_no, None
                 _drop_replied(c, replied_through)
@@ -120,6 +133,8 @@ async def mirror(c: ClientConnection, rep: Replication) -> bool:
         with contextlib.suppress(asyncio.CancelledError):
             await reading
     # Alone: carry on from where the log ends.
+    if c.diverged:
+        raise Diverged(c.conn)
     _drop_replied(c, replied_through)
     if partial is not None:
         c.resume = Resume(partial.request_no, partial.length, partial.hash.digest())
@@ -146,20 +161,88 @@ def _drop_replied(c: ClientConnection, replied_through: int) -> None:
 
 
 async def _read_ahead(
-    c: ClientConnection, room: asyncio.Event, replied_through: Callable[[], int]
+    c: ClientConnection,
+    room: asyncio.Event,
+    parsed: asyncio.Event,
+    replied_through: Callable[[], int],
 ) -> None:
-    """Read and parse the client's requests as they come, MAX_AHEAD at most."""
+    """Read and parse the client's requests as they come, MAX_AHEAD at most; PARSED
+    is set on every new request and when reading ends."""
+    try:
+        while True:
+            await room.wait()
+            data = await c.reader.read(READ_SIZE)
+            if not data:
+                return
+            c.counters.bytes_in += len(data)
+            try:
+                c.parser.feed(data)
+            except RequestError as e:
+                c.pending_error = e.status
+                return
+            _drop_replied(c, replied_through())
+            if c.parser.complete:
+                parsed.set()
+            if len(c.parser.complete) >= MAX_AHEAD:
+                room.clear()
+    finally:
+        c.reading_done = True
+        parsed.set()
+
+
+def _write(c: ClientConnection, data: bytes) -> None:
+    c.writer.write(data)
+    c.offset += len(data)
+    c.counters.bytes_out += len(data)
+
+
+async def _generate(
+    c: ClientConnection,
+    rep: Replication,
+    channel: BackupChannel,
+    record: LogRecord,
+    parsed: asyncio.Event,
+) -> None:
+    """Deterministic content: the logged head, then the body from this host's own
+    backend, checked against the logged digest and length, and never written
+    unless it matches.
+
+    With cfg.sync_static the record is acknowledged after the check, and a body
+    that differs is asked for (Flag.MISMATCH): the primary logs the real one as
+    the next record. Otherwise the head is acknowledged at once and the primary
+    does not wait; a body that differs then leaves this host without a true
+    copy: the connection is marked diverged, mirroring stops, and a failover
+    aborts it (Diverged) rather than send another generation's bytes."""
+    head, digest, length = split_digest_payload(record.data)
+    _write(c, head)
+    sync = rep.cfg.sync_static
+    if not sync:
+        await rep.ack(channel, record)
+    request = await _parsed_request(c, record.request_no, parsed)
+    body = None if request is None else await c.generate(request)
+    rep.counters["generated"] += 1
+    same = body is not None and len(body) == length and hashlib.sha256(body).digest() == digest
+    if same:
+        assert body is not None
+        _write(c, body)
+    else:
+        rep.counters["generated_mismatch"] += 1
+        log.error("%s: request %d: generated body differs from the primary's", c.conn,
+                  record.request_no)  # fmt: skip
+        c.diverged = not sync
+    if sync:
+        await rep.ack(channel, record, mismatch=not same)
+
+
+async def _parsed_request(
+    c: ClientConnection, number: int, parsed: asyncio.Event
+) -> Request | None:
+    """Request NUMBER once this host has read it; None if the input ends first."""
     while True:
-        await room.wait()
-        data = await c.reader.read(READ_SIZE)
-        if not data:
-            return
-        c.counters.bytes_in += len(data)
-        try:
-            c.parser.feed(data)
-        except RequestError as e:
-            c.pending_error = e.status
-            return
-        _drop_replied(c, replied_through())
-        if len(c.parser.complete) >= MAX_AHEAD:
-            room.clear()
+        for request in c.parser.complete:
+            if request.number == number:
+                return request
+        if c.reading_done:
+            return None
+        parsed.clear()
+        await parsed.wait()

@@ -78,7 +78,17 @@ class Replication:
         assert cfg.log_key is not None and cfg.pin_dir is not None
         self.cfg = cfg
         self.counters: dict[str, int] = dict.fromkeys(
-            ("channel_failures", "records", "regenerated_mismatch", "takeovers"), 0
+            (
+                "channel_failures",
+                "records",
+                "digest_records",
+                "diverged",
+                "generated",
+                "generated_mismatch",
+                "regenerated_mismatch",
+                "takeovers",
+            ),
+            0,
         )
         self.alone = asyncio.Event()
         self.role = Role.PRIMARY
@@ -169,25 +179,37 @@ class Replication:
     # ---- the primary
 
     async def log_reply(
-        self, conn: ConnId, request_no: int, offset: int, data: bytes, final: bool
-    ) -> None:
-        """Returns once the backup holds DATA (the reply bytes at OFFSET), or once
-        this host is alone."""
-        await self._logged(lambda ch: ch.log_reply(conn, request_no, offset, data, final))
+        self,
+        conn: ConnId,
+        request_no: int,
+        offset: int,
+        data: bytes,
+        final: bool,
+        digest: bool = False,
+    ) -> bool:
+        """Returns once the backup holds DATA (the reply bytes at OFFSET, or with
+        DIGEST a digest_payload), or once this host is alone. True: the backup
+        asks for the body of the DIGEST record (its own differed)."""
+        if digest:
+            self.counters["digest_records"] += 1
+        mismatch = await self._logged(
+            lambda ch: ch.log_reply(conn, request_no, offset, data, final, digest)
+        )
+        return bool(mismatch)
 
     async def log_close(self, conn: ConnId, offset: int) -> None:
         """Returns once the backup knows CONN closes at OFFSET, or once alone."""
         await self._logged(lambda ch: ch.log_close(conn, offset))
 
-    async def _logged(self, call: Any) -> None:
+    async def _logged(self, call: Any) -> Any:
+        """CALL(channel)'s result once it succeeds; None once alone."""
         while not self.alone.is_set():
             channel = self._primary
             if channel is None:
                 await _first(self._connected.wait(), self.alone.wait())
                 continue
             try:
-                await self._on_thread(call(channel))
-                return
+                return await self._on_thread(call(channel))
             except ChannelError as e:
                 if self._primary is channel:
                     self.counters["channel_failures"] += 1
@@ -195,6 +217,7 @@ class Replication:
                     self._primary = None
                     self._connected.clear()
                 await self.alone.wait()
+        return None
 
     async def _connect(self) -> None:
         cfg = self.cfg
@@ -219,10 +242,11 @@ class Replication:
     def release(self, conn: ConnId) -> None:
         self._mailboxes.pop(conn, None)
 
-    async def ack(self, channel: BackupChannel, record: LogRecord) -> None:
-        """Tell the primary this host holds RECORD (it was written to the client's socket)."""
+    async def ack(self, channel: BackupChannel, record: LogRecord, mismatch: bool = False) -> None:
+        """Tell the primary this host holds RECORD (it was written to the client's
+        socket); MISMATCH: ask for the body of a DIGEST record."""
         with contextlib.suppress(ChannelError):  # a primary gone is noticed through the mode
-            await self._on_thread(channel.ack(record.conn, record.request_no))
+            await self._on_thread(channel.ack(record.conn, record.request_no, mismatch))
 
     async def ack_close(self, channel: BackupChannel, record: LogRecord) -> None:
         with contextlib.suppress(ChannelError):

@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import hashlib
 import logging
 import socket
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -32,8 +34,8 @@ from proxy.http import (
     backend_request,
     error_reply,
 )
-from proxy.logframe import ConnId
-from proxy.mirror import Resume, mirror
+from proxy.logframe import ConnId, digest_payload
+from proxy.mirror import Diverged, RegeneratedMismatch, Resume, mirror
 from proxy.replication import Phase, Replication
 from proxy.requestid import request_id
 
@@ -48,6 +50,8 @@ _RETRYABLE = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE"})
 connection turns out closed before any reply byte (a keep-alive race)."""
 
 Marker = Callable[[socket.socket], None]
+Emit = Callable[[bytes, bool, ReplyFramer], Awaitable[None]]
+"""Where a backend reply's client bytes go: (data, final, framer)."""
 
 
 @dataclass
@@ -189,6 +193,12 @@ class ClientConnection:
         self.resume: Resume | None = None
         """After a failover, the logged prefix of a reply this host regenerates."""
         self._held = bytearray()
+        self.diverged = False
+        """The backup's copy of the reply stream is wrong (see proxy/mirror.py)."""
+        self.reading_done = False
+        """The backup's read-ahead ended (EOF or bad input)."""
+        self._reply_start = 0
+        """self.offset where the reply being relayed began."""
 
     @property
     def logging(self) -> bool:
@@ -209,6 +219,8 @@ class ClientConnection:
                 if backup and await mirror(self, self.replication):
                     return  # the primary closed the connection
             await self._serve()
+        except (Diverged, RegeneratedMismatch) as e:
+            self._abort(e)
         except (OSError, TimeoutError):
             self.counters.aborted += 1  # the client went away, or stopped reading
         except Exception:
@@ -272,35 +284,58 @@ class ClientConnection:
     async def _forward(self, request: Request) -> bool:
         """Send REQUEST to the backend and relay its reply; False once the connection must close."""
         self.counters.requests += 1
-        isn = self.conn.isn if self.conn is not None else 0
-        rid = request_id(self.client_ip, self.client_port, isn, request.number)
-        wire = backend_request(request, self.client_ip, rid)
         close_after = not request.keep_alive or request.version == "1.0"
         await self._pause(Phase.REQUEST_READ, request.number)
         try:
-            try:
-                framer = await self._exchange(request, wire, close_after)
-            except _BackendClosed:
-                if request.method not in _RETRYABLE:
-                    raise _ProxyReply(502) from None
-                self.counters.backend_retries += 1
-                framer = await self._exchange(request, wire, close_after)
+            framer = await self._fetch(request, close_after, functools.partial(self._emit, request))
         except _ProxyReply as e:
             self._close_backend()
             await self._send_error(request.number, e.status)
             return False
-        if not framer.keep_alive or framer.until_eof:
-            self._close_backend()
         return not (close_after or framer.until_eof)
 
-    async def _exchange(self, request: Request, wire: bytes, close_after: bool) -> ReplyFramer:
+    async def generate(self, request: Request) -> bytes | None:
+        """The body this host's backend gives for REQUEST (deterministic content the
+        backup generates itself); None if the backend failed."""
+        chunks: list[bytes] = []
+
+        async def collect(data: bytes, final: bool, framer: ReplyFramer) -> None:
+            chunks.append(data)
+
+        try:
+            framer = await self._fetch(request, False, collect)
+        except (_ProxyReply, ConnectionAbortedError):
+            self._close_backend()
+            return None
+        return b"".join(chunks)[framer.head_length :]
+
+    async def _fetch(self, request: Request, close_after: bool, emit: Emit) -> ReplyFramer:
+        """REQUEST's reply from the backend, its client bytes handed to EMIT. A reused
+        backend connection found closed is tried again, for idempotent methods."""
+        isn = self.conn.isn if self.conn is not None else 0
+        rid = request_id(self.client_ip, self.client_port, isn, request.number)
+        wire = backend_request(request, self.client_ip, rid)
+        try:
+            framer = await self._exchange(request, wire, close_after, emit)
+        except _BackendClosed:
+            if request.method not in _RETRYABLE:
+                raise _ProxyReply(502) from None
+            self.counters.backend_retries += 1
+            framer = await self._exchange(request, wire, close_after, emit)
+        if not framer.keep_alive or framer.until_eof:
+            self._close_backend()
+        return framer
+
+    async def _exchange(
+        self, request: Request, wire: bytes, close_after: bool, emit: Emit
+    ) -> ReplyFramer:
         """One attempt: returns the relayed reply's framer. _BackendClosed if a reused
         backend connection was closed before any reply byte (safe to retry)."""
         reused = self.backend is not None
         reader, writer = await self._backend()
         framer = ReplyFramer(request.method == b"HEAD")
         received = False
-        start = self.offset
+        self._reply_start = start = self.offset
         writer.write(wire)
         while not framer.done:
             try:
@@ -309,7 +344,7 @@ class ClientConnection:
                 if not data:
                     if framer.until_eof:
                         self.counters.replies[framer.status] += 1
-                        await self._emit(request.number, b"", True)
+                        await emit(b"", True, framer)
                         break
                     raise _BackendClosed
                 received = True
@@ -324,13 +359,15 @@ class ClientConnection:
                 if reused and not received and isinstance(e, (OSError, _BackendClosed)):
                     raise _BackendClosed from e
                 raise _ProxyReply(504 if isinstance(e, TimeoutError) else 502) from e
-            await self._emit(request.number, out, framer.done)
+            await emit(out, framer.done, framer)
         return framer
 
-    async def _emit(self, request_no: int, data: bytes, final: bool) -> None:
+    async def _emit(
+        self, request: Request, data: bytes, final: bool, framer: ReplyFramer | None = None
+    ) -> None:
         """Reply bytes toward the client (FINAL: they end the reply). The primary logs
         them first: the whole reply up to cfg.max_buffered_reply, pieces of that
-        size beyond it."""
+        size beyond it; deterministic content as its head and the body's digest."""
         if self.resume is not None:
             data = self.resume.past_prefix(data, final)
             if self.resume.done:
@@ -342,16 +379,37 @@ class ClientConnection:
                 return
             data = bytes(self._held)
             self._held.clear()
-            if final:
-                await self._pause(Phase.REPLY_RECEIVED, request_no)
-            await self.replication.log_reply(self.conn, request_no, self.offset, data, final)
-            if final:
-                await self._pause(Phase.REPLY_LOGGED, request_no)
-                if self.cfg.pause_at == Phase.REPLY_PARTIAL and len(data) > 1:
-                    await self._write(data[: len(data) // 2])
-                    await self._pause(Phase.REPLY_PARTIAL, request_no)
-                    data = data[len(data) // 2 :]
+            await self._pause(Phase.REPLY_RECEIVED, request.number)
+            whole = final and self.offset == self._reply_start
+            if whole and framer is not None and self._deterministic(request, framer):
+                await self._log_digest(request.number, data, framer.head_length)
+            else:
+                await self.replication.log_reply(
+                    self.conn, request.number, self.offset, data, final
+                )
+            await self._pause(Phase.REPLY_LOGGED, request.number)
+            if self.cfg.pause_at == Phase.REPLY_PARTIAL and len(data) > 1:
+                await self._write(data[: len(data) // 2])
+                await self._pause(Phase.REPLY_PARTIAL, request.number)
+                data = data[len(data) // 2 :]
         await self._write(data)
+
+    def _deterministic(self, request: Request, framer: ReplyFramer) -> bool:
+        """Both hosts' backends give this reply's body alike (cfg.deterministic_prefixes),
+        and its framing lets the backup know where it ends."""
+        if not self.cfg.deterministic_prefixes or request.method not in (b"GET", b"HEAD"):
+            return False
+        path = bytes(request.target).split(b"?", 1)[0].decode("latin-1")
+        return framer.sized and path.startswith(self.cfg.deterministic_prefixes)
+
+    async def _log_digest(self, request_no: int, reply: bytes, head_length: int) -> None:
+        assert self.replication is not None and self.conn is not None
+        body = reply[head_length:]
+        payload = digest_payload(reply[:head_length], hashlib.sha256(body).digest(), len(body))
+        rep, conn = self.replication, self.conn
+        if await rep.log_reply(conn, request_no, self.offset, payload, True, digest=True):
+            # The backup's own body differed (sync_static): it gets the real one.
+            await rep.log_reply(conn, request_no, self.offset + head_length, body, True)
 
     async def _write(self, data: bytes) -> None:
         if not data:
@@ -384,7 +442,17 @@ class ClientConnection:
 
     async def _send_error(self, request_no: int, status: int) -> None:
         self.counters.errors[status] += 1
-        await self._emit(request_no, error_reply(status), True)
+        await self._emit(Request(request_no), error_reply(status), True)
+
+    def _abort(self, why: Exception) -> None:
+        """End the connection with a reset: what this host would send is wrong."""
+        assert self.replication is not None
+        key = "regenerated_mismatch" if isinstance(why, RegeneratedMismatch) else "diverged"
+        self.replication.counters[key] += 1
+        log.error("%s:%s aborted: %s", self.client_ip, self.client_port, why)
+        if self.mark is not None:
+            self.mark(self.writer.get_extra_info("socket"))
+        self.writer.transport.abort()
 
     async def close(self) -> None:
         """Close gracefully: log the close (primary), mark the connection closing in
@@ -394,6 +462,8 @@ class ClientConnection:
         The mark comes first so the data plane knows this FIN is a legitimate
         close; draining means no unread data is left, so the kernel sends no RST."""
         writer = self.writer
+        if writer.transport.is_closing():
+            return  # aborted
         try:
             if self.logging:
                 assert self.replication is not None and self.conn is not None

@@ -252,3 +252,62 @@ async def main():
         print("refused:", e)
 asyncio.run(main())
 """
+
+
+def apache_saw(pair: Pair, host: str, path: str) -> int:
+    log = pair.lab.dir / host / "apache" / "logs" / "access.log"
+    return log.read_text().count(f"GET {path} ")
+
+
+@pytest.mark.parametrize("sync", [False, True], ids=["deterministic", "sync-static"])
+@pytest.mark.parametrize("victim", HOSTS)
+def test_deterministic_content_survives_a_crash(pair: Pair, victim: str, sync: bool) -> None:
+    options = ["--deterministic", "/static/", "--pause-at", Phase.REPLY_PARTIAL]
+    pair.start_proxies(*options, *(["--sync-static"] if sync else []))
+    path = "/static/1m.bin"
+    with client(pair) as sock:
+        sock.sendall(get(path))
+        wait_paused(pair, Phase.REPLY_PARTIAL)
+        # The phase is the deterministic path: the backup generates the body itself.
+        wait_for(lambda: apache_saw(pair, "backup", path) == 1, 10, "the backup to generate")
+        pair.crash(victim, "kill")
+        check(read_replies(sock, 1), [path])
+        go_on(sock)
+    survivor = "backup" if victim == "primary" else "primary"
+    pair.service(survivor).send_signal(signal.SIGUSR1)
+    counts = last_stats(pair, survivor)["replication"]
+    if survivor == "backup":
+        assert counts["generated"] == 1 and counts["generated_mismatch"] == 0, counts
+    else:
+        assert counts["digest_records"] == 1, counts
+
+
+@pytest.mark.parametrize("sync", [False, True], ids=["deterministic", "sync-static"])
+def test_a_body_that_is_not_deterministic_is_never_mixed(pair: Pair, sync: bool) -> None:
+    """Content configured as deterministic that is not (the hosts' copies of a file
+    differ): the backup's own body fails the logged digest and is never written.
+    With sync-static the primary then logs the real body, and a crash of the
+    primary goes unnoticed; without it the primary did not wait, so the backup
+    aborts the connection at failover rather than send another generation's
+    bytes (the client's next segment is answered with a reset)."""
+    path = "/static/1m.bin"
+    copy = pair.lab.dir / "backup" / "apache" / "htdocs" / path.lstrip("/")
+    copy.write_bytes(b"\0" * len(copy.read_bytes()))
+    options = ["--deterministic", "/static/", *(["--sync-static"] if sync else [])]
+    pair.start_proxies(*options, "--pause-at", Phase.REPLY_PARTIAL)
+    with client(pair) as sock:
+        sock.sendall(get(path))
+        wait_paused(pair, Phase.REPLY_PARTIAL)
+        pair.crash("primary", "kill")
+        if sync:
+            check(read_replies(sock, 1), [path])
+            go_on(sock)
+        else:
+            wait_for(lambda: "aborted" in pair.service_log("backup").read_text(), 10, "abort")
+            sock.sendall(get(path))
+            with pytest.raises(ConnectionResetError):
+                read_replies(sock, 1)
+    pair.service("backup").send_signal(signal.SIGUSR1)
+    counts = last_stats(pair, "backup")["replication"]
+    assert counts["generated_mismatch"] == 1, counts
+    assert counts["diverged"] == (0 if sync else 1), counts
