@@ -86,6 +86,7 @@ class Replication:
                 "generated",
                 "generated_mismatch",
                 "regenerated_mismatch",
+                "streamed_replies",
                 "takeovers",
             ),
             0,

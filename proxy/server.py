@@ -369,7 +369,7 @@ class ClientConnection:
         them first: the whole reply up to cfg.max_buffered_reply, pieces of that
         size beyond it; deterministic content as its head and the body's digest."""
         if self.resume is not None:
-            data = self.resume.past_prefix(data, final)
+            data = self.resume.past_prefix(data, final, framer)
             if self.resume.done:
                 self.resume = None
         if self.logging:
@@ -381,6 +381,8 @@ class ClientConnection:
             self._held.clear()
             await self._pause(Phase.REPLY_RECEIVED, request.number)
             whole = final and self.offset == self._reply_start
+            if not final and self.offset == self._reply_start:
+                self.replication.counters["streamed_replies"] += 1  # cfg.max_buffered_reply
             if whole and framer is not None and self._deterministic(request, framer):
                 await self._log_digest(request.number, data, framer.head_length)
             else:

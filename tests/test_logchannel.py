@@ -213,7 +213,7 @@ def test_many_concurrent_replies_are_pipelined_and_all_acked() -> None:
             seen: list[LogRecord] = []
             consumer = asyncio.create_task(acking(backup, seen))
             conns = [ConnId("10.0.0.1", 1000 + i, i) for i in range(20)]
-            calls: list[Awaitable[None]] = []
+            calls: list[Awaitable[object]] = []
             for conn in conns:
                 offset = 0
                 for n in range(1, 11):

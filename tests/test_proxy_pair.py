@@ -24,11 +24,12 @@ from typing import Any
 import pytest
 from httpwire import Replies, get, read_replies
 
-from coral import netns
+from coral import netns, tcpstate
 from coral.content import verify_reply
 from coral.lab import Lab
+from coral.lab.loss import inject
 from coral.lab.pair import HOSTS, LOG_PORT, Pair
-from coral.lab.topology import PRIVATE_IPS, SERVICE_PORT, SERVICE_VIP, fresh_name
+from coral.lab.topology import CLIENT_IF, PRIVATE_IPS, SERVICE_PORT, SERVICE_VIP, fresh_name
 from proxy.replication import Phase
 
 pytestmark = pytest.mark.root
@@ -311,3 +312,117 @@ def test_a_body_that_is_not_deterministic_is_never_mixed(pair: Pair, sync: bool)
     counts = last_stats(pair, "backup")["replication"]
     assert counts["generated_mismatch"] == 1, counts
     assert counts["diverged"] == (0 if sync else 1), counts
+
+
+@pytest.mark.parametrize("victim", HOSTS)
+def test_crash_after_a_complete_request_not_yet_acknowledged(pair: Pair, victim: str) -> None:
+    pair.start_proxies("--pause-at", Phase.REQUEST_READ)
+    target = RANDOM.format(n=30_000, rid=f"unacked-{victim}")
+    request = get(target)
+    with client(pair) as sock:
+        # Everything the service sends the client is lost for a while: the
+        # request arrives whole, but the client never sees it acknowledged.
+        loss = inject(pair.lab.namespace("client1"), CLIENT_IF, 100, VIP)
+        try:
+            sock.sendall(request)
+            wait_paused(pair, Phase.REQUEST_READ)
+            assert tcpstate.unacked(sock) == len(request), "the request was acknowledged"
+            pair.crash(victim, "kill")
+        finally:
+            loss.remove()
+        check(read_replies(sock, 1), [target])
+        go_on(sock)
+
+
+PARTS = (b"coral " * 500, b"x" * 7)
+CHUNKED = b"".join(b"%x\r\n%s\r\n" % (len(p), p) for p in PARTS) + b"0\r\n\r\n"
+
+
+@pytest.mark.parametrize("victim", HOSTS)
+def test_chunked_request_survives_a_crash(pair: Pair, victim: str) -> None:
+    pair.start_proxies("--pause-at", Phase.REQUEST_READ)
+    target = f"/cgi-bin/echo?rid=chunked-{victim}"
+    head = f"POST {target} HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n"
+    with client(pair) as sock:
+        sock.sendall(head.encode() + CHUNKED)
+        wait_paused(pair, Phase.REQUEST_READ)
+        pair.crash(victim, "kill")
+        check(read_replies(sock, 1), [target], [b"".join(PARTS)])
+        go_on(sock)
+
+
+BAD_INPUT = {
+    "400": ([], b"GET / HTTP/1.1\r\nHost: t\r\nBad Header\r\n\r\n"),
+    "431": ([], b"GET / HTTP/1.1\r\nHost: t\r\nX-Big: " + b"a" * 20_000 + b"\r\n\r\n"),
+    "413": (["--max-body-bytes", "1000"], b"POST / HTTP/1.1\r\nContent-Length: 5000\r\n\r\n"),
+    "408": (["--request-timeout", "0.5"], b"GET / HTTP/1.1\r\nHost: t\r\n"),
+}
+
+
+@pytest.mark.parametrize("status", BAD_INPUT)
+def test_bad_input_is_answered_by_the_primary_and_mirrored(pair: Pair, status: str) -> None:
+    """The primary alone decides the error reply and the close; the backup mirrors
+    both from the log (two records) and answers nothing itself (its own timers
+    are off): the client sees one error reply, then a clean end."""
+    options, data = BAD_INPUT[status]
+    pair.start_proxies(*options)
+    with client(pair) as sock:
+        sock.sendall(data)
+        replies = read_replies(sock, 1, until_eof=True)
+        assert [r.status for r in replies.items] == [int(status)] and replies.eof
+    pair.service("backup").send_signal(signal.SIGUSR1)
+    counts = last_stats(pair, "backup")
+    assert counts["errors"] == {} and counts["replication"]["records"] == 2, counts
+
+
+def test_backend_down_gives_502_from_the_primary_only(pair: Pair) -> None:
+    pair.start_proxies()
+    pair.lab.stop_apache("primary")
+    with client(pair) as sock:
+        sock.sendall(get("/static/1k.bin"))
+        replies = read_replies(sock, 1, until_eof=True)
+        assert [r.status for r in replies.items] == [502] and replies.eof
+    assert apache_saw(pair, "backup", "/static/1k.bin") == 0
+
+
+def test_idle_client_is_closed_by_the_primary_without_reset(pair: Pair) -> None:
+    pair.start_proxies("--idle-timeout", "0.5")
+    with client(pair) as sock:
+        sock.sendall(get("/static/1k.bin"))
+        replies = read_replies(sock, 1, until_eof=True)  # then idle: the primary closes
+        assert len(replies.items) == 1 and replies.eof
+
+
+@pytest.mark.parametrize("deterministic", [True, False], ids=["static", "random"])
+def test_reply_above_the_buffered_size_follows_its_rule(pair: Pair, deterministic: bool) -> None:
+    """A reply longer than --max-buffered-reply is logged and sent in pieces. The
+    primary dies after its first piece is logged and half sent: the backup
+    re-executes the request and continues only if the new reply starts with the
+    logged bytes (the static file), else resets the connection (the random
+    CGI): a short reply the client detects, never two generations mixed."""
+    pair.start_proxies("--max-buffered-reply", "65536", "--pause-at", Phase.REPLY_PARTIAL)
+    target = "/static/1m.bin" if deterministic else RANDOM.format(n=1_000_000, rid="big")
+    with client(pair) as sock:
+        sock.sendall(get(target))
+        wait_paused(pair, Phase.REPLY_PARTIAL)
+        pair.crash("primary", "kill")
+        if deterministic:
+            check(read_replies(sock, 1), [target])
+            go_on(sock)
+        else:
+            assert_cut_short(sock)
+    pair.service("backup").send_signal(signal.SIGUSR1)
+    counts = last_stats(pair, "backup")["replication"]
+    assert counts["regenerated_mismatch"] == (0 if deterministic else 1), counts
+
+
+def assert_cut_short(sock: socket.socket) -> None:
+    """The connection ends (reset, or end of stream) before any reply is complete."""
+    got = Replies()
+    sock.settimeout(REPLY_TIMEOUT)
+    try:
+        while data := sock.recv(65536):
+            got.parser.feed_data(data)
+    except ConnectionResetError:
+        pass
+    assert got.complete == 0, "a reply was completed"

@@ -180,6 +180,17 @@ class Lab:
                     f"{APACHE_START_TIMEOUT:.0f} s; its log says:\n{apache.error_log_tail(conf)}"
                 )
 
+    def stop_apache(self, host: str) -> None:
+        """Stop HOST's Apache (its backend fails; the host lives on)."""
+        pid = self.pids.pop(host, None)
+        if pid is None:
+            raise LabError(f"no Apache runs on {host}")
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, signal.SIGKILL)  # its own session: the workers go too
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, 0)
+        self.save()
+
     def down(self) -> None:
         """Remove everything of this lab: processes, namespaces, bpffs, files."""
         remove_lab(self.name)
