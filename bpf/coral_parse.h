@@ -175,6 +175,7 @@ struct coral_seg_opts {
 	__u32 tsval;
 	__u32 tsecr;
 	__u8 has_ts;
+	__u8 ts_off;		/* offset of the timestamp option's kind byte in the options */
 	__u8 sack_n;		/* blocks in sack[] (at most 4) */
 	__u8 sack_off;		/* offset of the SACK option's kind byte in the options */
 	__u8 sack_len;		/* its length byte */
@@ -231,6 +232,7 @@ static long coral_opt_step(__u32 index, void *ctx)
 		w->seg.tsecr = coral_be32_at(w->buf, off + 6);
 		w->syn.flags |= CORAL_SYN_TIMESTAMP;
 		w->seg.has_ts = 1;
+		w->seg.ts_off = off;
 	} else if (kind == TCPOPT_SACK && olen >= 10 && (olen - 2) % 8 == 0) {
 		n = (olen - 2) / 8;
 		w->seg.sack_off = off;

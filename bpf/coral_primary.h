@@ -76,6 +76,34 @@ static __always_inline bool coral_backup_holds(const struct coral_conn_state *c,
 	return false;
 }
 
+/* Is block 0 of OPTS a duplicate report (D-SACK, RFC 2883): below the
+ * segment's own acknowledgement ACK, or inside block 1? */
+static __always_inline bool coral_is_dsack(const struct coral_seg_opts *opts, __u32 ack)
+{
+	const struct coral_sack_block *b = &opts->sack[0];
+
+	if (!coral_after(b->end, ack))
+		return true;
+	return opts->sack_n > 1 && !coral_after(opts->sack[1].start, b->start) &&
+	       !coral_after(b->end, opts->sack[1].end);
+}
+
+/* The timestamp echo (TSecr) for an acknowledgement ACK to the client, when
+ * the primary's own kernel echoes OWN. The client's Eifel check takes an
+ * echo older than its retransmission as proof that the original arrived,
+ * and undoes its loss recovery (RTO or fast retransmit alike). When the
+ * backup's acknowledgement is the one sent, the original may have reached
+ * the primary only; the backup's echo then says whether the retransmission
+ * was needed, and the later of the two never claims an arrival the backup
+ * did not see. */
+static __always_inline __u32 coral_client_echo(const struct coral_conn_state *c, __u32 ack,
+					       __u32 own)
+{
+	if (!(c->flags & CORAL_CONN_BACKUP_SEEN) || !c->backup_tsecr || ack != c->backup_ack)
+		return own;
+	return coral_after(c->backup_tsecr, own) ? c->backup_tsecr : own;
+}
+
 /* Rewrite the SACK option to keep only the blocks in HELD (bit i: block
  * i), blanking the rest with NOPs; with none held the whole option goes.
  * The client must not take a SACKed segment as safe when the backup lacks
@@ -127,7 +155,8 @@ __attribute__((noinline)) int coral_trim_sack(struct __sk_buff *skb, __u32 l4_of
 	return bpf_skb_store_bytes(skb, off, new, len, 0);
 }
 
-/* Clamp a segment to the client: acknowledgement, window, SACK. */
+/* Clamp a segment to the client: acknowledgement, window, timestamp echo,
+ * SACK. */
 static __always_inline int coral_primary_clamp(struct __sk_buff *skb, const struct coral_pkt *pkt,
 					       struct coral_conn_state *c,
 					       const struct coral_seg *seg)
@@ -135,6 +164,7 @@ static __always_inline int coral_primary_clamp(struct __sk_buff *skb, const stru
 	__u32 limit = c->flags & CORAL_CONN_BACKUP_SEEN ? c->backup_ack : c->client_isn + 1;
 	__u32 ack = coral_after(seg->ack, limit) ? limit : seg->ack;
 	__u16 win = coral_clamped_win(c, ack);
+	__u32 echo;
 	__u8 held = 0;
 	int i;
 
@@ -146,9 +176,19 @@ static __always_inline int coral_primary_clamp(struct __sk_buff *skb, const stru
 	    coral_tcp_store_u16(skb, pkt->l4_off, CORAL_TCP_WIN_OFF, bpf_htons(seg->win),
 				bpf_htons(win)))
 		return -1;
+	echo = coral_client_echo(c, ack, seg->opts.tsecr);
+	if (seg->opts.has_ts && echo != seg->opts.tsecr &&
+	    coral_tcp_store_u32(skb, pkt->l4_off, sizeof(struct tcphdr) + seg->opts.ts_off + 6,
+				bpf_htonl(seg->opts.tsecr), bpf_htonl(echo)))
+		return -1;
 	for (i = 0; i < 4; i++) {
 		if (i >= seg->opts.sack_n)
 			break;
+		/* The primary's duplicate report (D-SACK) says the client's
+		 * retransmission was needless, which only the primary knows:
+		 * the client would undo its recovery on it. Never passed. */
+		if (i == 0 && coral_is_dsack(&seg->opts, seg->ack))
+			continue;
 		if (coral_backup_holds(c, &seg->opts.sack[i]))
 			held |= 1 << i;
 	}
@@ -247,6 +287,10 @@ static __always_inline int coral_primary_report(struct __sk_buff *skb, const str
 	c->last_ns = bpf_ktime_get_ns();
 	if (!seg.has_ack || seg.syn)
 		return coral_verdict(skb, CORAL_DROP_REPORT_CONSUMED);
+	/* The backup's echo only grows (its kernel's PAWS state): the
+	 * highest is its latest, whatever order reports arrive in. */
+	if (seg.opts.has_ts && (!c->backup_tsecr || coral_after(seg.opts.tsecr, c->backup_tsecr)))
+		c->backup_tsecr = seg.opts.tsecr;
 	/* A report older than the latest (reordered) changes nothing. */
 	if (!(c->flags & CORAL_CONN_BACKUP_SEEN) || !coral_after(c->backup_ack, seg.ack)) {
 		c->backup_ack = seg.ack;
@@ -275,7 +319,7 @@ static __always_inline int coral_primary_report(struct __sk_buff *skb, const str
 	spec.win = coral_clamped_win(c, clamp);
 	spec.has_ts = c->primary_tsval || c->primary_tsecr;
 	spec.tsval = c->primary_tsval;
-	spec.tsecr = c->primary_tsecr;
+	spec.tsecr = coral_client_echo(c, clamp, c->primary_tsecr);
 	if (coral_craft_ack(skb, &spec, c->client_mac, s->own_mac))
 		return coral_verdict(skb, CORAL_DROP_REWRITE_FAILED);
 	c->acked_to_client = clamp;

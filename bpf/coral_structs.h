@@ -136,6 +136,12 @@ struct coral_conn_state {
 	 * next segments (PAWS). */
 	__u32 primary_tsval;
 	__u32 primary_tsecr;
+	/* The backup's highest timestamp echo (TSecr), from its reports: an
+	 * acknowledgement the backup limits echoes at least this, or the
+	 * client takes its retransmission for spurious (an echo older than
+	 * the retransmission says the original arrived: Eifel, RFC 3522) and
+	 * undoes its recovery although the backup never had the original. */
+	__u32 backup_tsecr;
 
 	/* ---- backup: catching up with the primary (fake acks) ---- */
 	/* Highest end sequence the backup's kernel has sent (suppressed). */
@@ -150,7 +156,6 @@ struct coral_conn_state {
 	__u32 client_tsecr;
 	__u16 client_win;	/* raw window field, as the client sent it */
 	__u16 pad2;
-	__u32 pad3;
 };
 
 /* The handshake options of one SYN or SYN-ACK: what the backup needs to

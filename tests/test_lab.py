@@ -235,7 +235,6 @@ def test_demo_command_runs_end_to_end() -> None:
     assert not netns.list_namespaces("coral-demo"), "the demo removes its lab"
     assert "every reply verified correct" in out.stdout, out.stdout + out.stderr
     assert "demo: stage 2:" in out.stdout, out.stdout + out.stderr
-    if "every byte of every stream arrived" not in out.stdout:
-        pytest.xfail("stage 2 hit the known duplex stream stall (docs/design.md)")
+    assert "every byte of every stream arrived" in out.stdout, out.stdout + out.stderr
     assert out.returncode == 0, out.stdout + out.stderr
     assert "outcome: all stages correct" in out.stdout

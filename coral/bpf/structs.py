@@ -215,6 +215,7 @@ class ConnState(CStruct):
         ("pad", u16),
         ("primary_tsval", u32),
         ("primary_tsecr", u32),
+        ("backup_tsecr", u32),
         ("backup_snd_nxt", u32),
         ("client_ack", u32),
         ("delivered_ack", u32),
@@ -222,7 +223,6 @@ class ConnState(CStruct):
         ("client_tsecr", u32),
         ("client_win", u16),
         ("pad2", u16),
-        ("pad3", u32),
     )
 
 
