@@ -10,6 +10,8 @@ from collections.abc import Callable
 from types import FrameType
 
 from coral import demo, loadclient, reqrep, stream
+from coral.agent import cli as agent_cli
+from coral.agent import witness_cli
 from coral.dataplane import cli as datapath_cli
 from coral.lab import LabError
 from coral.lab import cli as lab_cli
@@ -27,6 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     reqrep.add_parser(sub)
     datapath_cli.add_parser(sub)
     proxy_cli.add_parser(sub)
+    witness_cli.add_parser(sub)
+    agent_cli.add_parsers(sub)
     return parser
 
 

@@ -189,3 +189,19 @@ def wait_tcp(ns: str, host: str, port: int, timeout: float) -> bool:
                 time.sleep(0.02)
 
     return call_in_netns(ns, probe)
+
+
+def wait_udp_bound(ns: str, port: int, timeout: float) -> bool:
+    """Wait until a UDP socket is bound to PORT inside NS; False on timeout."""
+
+    def bound() -> bool:
+        with open("/proc/thread-self/net/udp") as f:
+            next(f)
+            return any(int(line.split()[1].split(":")[1], 16) == port for line in f)
+
+    deadline = time.monotonic() + timeout
+    while not call_in_netns(ns, bound):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.02)
+    return True

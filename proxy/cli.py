@@ -7,11 +7,10 @@ import asyncio
 import json
 import signal
 import sys
-from pathlib import Path
 from typing import Any
 
+from coral.agent.keys import read_key
 from proxy.config import ProxyConfig, parse_hostport
-from proxy.logchannel import MIN_KEY_SIZE
 from proxy.replication import Phase, ReplicationError
 from proxy.server import Proxy
 
@@ -75,15 +74,7 @@ def add_parser(sub: Any) -> None:
 
 
 def _read_key(path: str | None) -> bytes | None:
-    if path is None:
-        return None
-    try:
-        key = Path(path).read_bytes().strip()
-    except OSError as e:
-        raise ValueError(f"cannot read the log key: {e}") from None
-    if len(key) < MIN_KEY_SIZE:
-        raise ValueError(f"{path}: the log key must be at least {MIN_KEY_SIZE} bytes")
-    return key
+    return None if path is None else read_key(path, "log key")
 
 
 async def _serve(cfg: ProxyConfig) -> int:

@@ -67,6 +67,11 @@ class ProxyConfig:
     """For deterministic content, the primary waits until the backup has generated
     and checked the body too (CoRAL's "sync static": the backup never falls
     behind), not only until it holds the head."""
+    backend_failure_grace: float = 0.5
+    """A replicating primary waits this long before answering a backend failure
+    (502, 504): when the whole host is going down, its backend often dies a
+    moment before the proxy, and the backup must take over the request rather
+    than the client get an error caused by the crash."""
     mode_poll_interval: float = 0.01
     """How often a replicating proxy reads the service's mode (to notice it is alone)."""
     pause_at: str | None = None

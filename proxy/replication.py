@@ -27,7 +27,7 @@ import enum
 import logging
 import socket
 import sys
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Coroutine
 from concurrent.futures import Future
 from typing import Any
 
@@ -118,8 +118,8 @@ class Replication:
         if service.role is None:
             raise ReplicationError(f"service {vip}:{port} has no role in the data plane")
         self.role = service.role
-        if service.mode is not Mode.DUPLEX:
-            self.alone.set()
+        if service.mode is Mode.SIMPLEX:
+            self.alone.set()  # FENCED is not alone: the host may not serve at all yet
         self._thread = ChannelThread()
         self._tasks.append(asyncio.create_task(self._watch_mode(), name="replication-mode"))
         if self.role is Role.PRIMARY:
@@ -203,14 +203,21 @@ class Replication:
         await self._logged(lambda ch: ch.log_close(conn, offset))
 
     async def _logged(self, call: Any) -> Any:
-        """CALL(channel)'s result once it succeeds; None once alone."""
+        """CALL(channel)'s result once it succeeds; None once alone (also while the
+        call is under way: a backup whose link died never answers, its channel
+        only times out minutes later)."""
         while not self.alone.is_set():
             channel = self._primary
             if channel is None:
                 await _first(self._connected.wait(), self.alone.wait())
                 continue
+            logged = asyncio.ensure_future(self._on_thread(call(channel)))
             try:
-                return await self._on_thread(call(channel))
+                await _first(asyncio.shield(logged), self.alone.wait())
+                if not logged.done():
+                    logged.cancel()
+                    return None
+                return logged.result()
             except ChannelError as e:
                 if self._primary is channel:
                     self.counters["channel_failures"] += 1
@@ -289,7 +296,7 @@ class Replication:
         return await self._thread.run(coro)
 
 
-async def _first(*aws: Coroutine[Any, Any, Any]) -> None:
+async def _first(*aws: Awaitable[Any]) -> None:
     """Wait until the first of AWS is done; cancel the others."""
     tasks = [asyncio.ensure_future(a) for a in aws]
     try:

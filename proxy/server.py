@@ -290,6 +290,8 @@ class ClientConnection:
             framer = await self._fetch(request, close_after, functools.partial(self._emit, request))
         except _ProxyReply as e:
             self._close_backend()
+            if self.logging:
+                await asyncio.sleep(self.cfg.backend_failure_grace)  # a host going down?
             await self._send_error(request.number, e.status)
             return False
         return not (close_after or framer.until_eof)

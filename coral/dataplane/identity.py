@@ -57,6 +57,19 @@ def mtu_of(ns: str | None, ifname: str) -> int:
     return int(str(_link_attr(ns, ifname, "IFLA_MTU")))
 
 
+def neighbor_mac(ns: str | None, ip: str, ifname: str) -> bytes | None:
+    """IP's MAC from the neighbour table of IFNAME (None if not resolved yet)."""
+    with IPRoute(netns=ns, flags=0) if ns else IPRoute() as ipr:
+        idx = ipr.link_lookup(ifname=ifname)
+        if not idx:
+            raise LookupError(f"no interface {ifname!r}")
+        for n in ipr.get_neighbours(ifindex=idx[0], dst=ip):
+            mac = n.get_attr("NDA_LLADDR")
+            if mac and n["state"] not in (0x01, 0x20):  # NUD_INCOMPLETE, NUD_FAILED
+                return bytes.fromhex(mac.replace(":", ""))
+    return None
+
+
 def hide_vip(ns: str | None, vip: str, lan_if: str) -> None:
     """Primary: accept packets to VIP, never claim it on the LAN."""
     set_sysctl(ns, f"net.ipv4.conf.{lan_if}.arp_ignore", "1")

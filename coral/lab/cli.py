@@ -20,6 +20,14 @@ def add_parser(sub: Any) -> None:
     up.add_argument("--clients", type=int, default=2, help="client hosts (default: 2)")
     up.add_argument("--no-private-link", action="store_true", help="no primary-backup link")
     up.add_argument("--json", action="store_true", help="print the lab's info as JSON")
+    up.add_argument(
+        "--pair",
+        action="store_true",
+        help="run the product: agents and proxies on primary and backup (duplex, VIP live), "
+        "the witness on the router",
+    )
+    up.add_argument("--interval-ms", type=int, default=20, help="heartbeat interval (--pair)")
+    up.add_argument("--misses", type=int, default=3, help="heartbeats missed = lost (--pair)")
     up.set_defaults(func=_up)
 
     info = lab_sub.add_parser("info", help="hosts, addresses, service and URL paths")
@@ -73,7 +81,18 @@ def _print_info(info: dict[str, Any], as_json: bool) -> None:
 
 def _up(args: argparse.Namespace) -> int:
     lab = Lab.up(args.name, args.clients, not args.no_private_link)
+    try:
+        if args.pair:
+            from coral.lab import agents
+
+            pair = agents.start(lab, interval_ms=args.interval_ms, misses=args.misses)
+    except BaseException:
+        lab.down()
+        raise
     _print_info(lab.info(), args.json)
+    if args.pair and not args.json:
+        for host in ("primary", "backup"):
+            print(f"{host}: agent duplex; coral status --socket {pair.socket(host)}")
     return 0
 
 

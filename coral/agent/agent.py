@@ -1,0 +1,683 @@
+"""`coral agent`: one per host; turns the data plane and the proxies into a pair
+that fails over by itself.
+
+What it does, in order (docs/design.md, "The node agent"):
+
+1. Fences its data plane (an agent that starts knows nothing: it may not
+   serve), destroys stale service sockets a crashed run left, configures
+   every service with this host's role and the peer's addresses, and starts
+   one front proxy per service under its supervisor.
+2. Sends heartbeats every interval on every path (LAN, private link), each
+   carrying its epoch and acknowledging the peer's (with an echo of the
+   peer's send time). A heartbeat acknowledging this host's epoch is the
+   fresh evidence that renews its lease, to (the echoed send time + lease):
+   so a host's lease ends at most one lease after it last sent a heartbeat
+   its peer acknowledged, on its own clock, whatever happens to later
+   messages. A frozen host that thaws finds its lease gone and its peer's
+   heartbeats no longer acknowledging it: it stays fenced.
+3. Both hosts acknowledging each other: the services go duplex.
+4. No acknowledgement for a lease: the peer is lost. This host stops
+   acknowledging it, then needs the right to serve alone: the witness's sole
+   grant for a new epoch (without a witness: an outside host reachable).
+   Refused or unsure: it fences itself. Granted: it waits until the peer's
+   lease has certainly run out (its last acknowledged heartbeat, received
+   before the loss was detected, plus one lease), switches every service to
+   simplex (one map write each), and a surviving primary takes the VIP
+   (address, gratuitous ARP until an outside host answers through the
+   router, refreshed). While alone it renews its lease with the witness.
+5. A child (proxy) that dies unasked is a crash of this host: fence, kill
+   the other children, stop heartbeats, exit 1.
+
+Control: a unix socket (state_dir/<host>.sock) answers `coral status` and
+`coral fence`; Prometheus metrics on metrics.listen; notify hooks on every
+transition.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import datetime
+import functools
+import json
+import logging
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from coral.agent import reach
+from coral.agent.config import AgentConfig, ServiceConfig
+from coral.agent.heartbeat import Beat, HeartbeatEndpoint
+from coral.agent.metrics import Metrics
+from coral.agent.statemachine import State, StateMachine
+from coral.agent.supervisor import Supervisor, raise_priority
+from coral.agent.witness import WitnessClient, WitnessUnreachable
+from coral.bpf.structs import Mode, Role
+from coral.dataplane import DataPlane, DataPlaneError, identity, settings
+
+log = logging.getLogger("coral.agent")
+T = TypeVar("T")
+
+MARGIN_S = 0.002
+"""Added to the peer's lease before serving alone: clock rates and scheduling."""
+STARTUP_GRACE_LEASES = 50
+"""A peer not heard for this many leases after start is treated as lost."""
+PEER_MAC_TIMEOUT_S = 2.0
+STATUS_EVERY_S = 1.0
+ALONE_LEASE_S = 2.0
+"""While alone, the lease (and the witness's grant) runs this long, renewed every
+quarter of it: no peer waits to take over, and a busy machine (or witness)
+must not make the only serving host fence itself for a late reply."""
+
+
+@dataclass
+class Peer:
+    """What this host knows of its peer, from its heartbeats."""
+
+    name: str
+    epoch: int = 0
+    state: str = "unknown"
+    last_rx_ns: int = 0
+    """Any valid heartbeat."""
+    last_acked_ns: int = 0
+    """A heartbeat acknowledging this host's current epoch (it renewed our lease)."""
+    lease_bound_ns: int = 0
+    """Last heartbeat received while this host still acknowledged the peer: the peer's
+    lease ends at most one lease after it."""
+    echo: tuple[int, int] = (0, 0)
+    """(the peer's sent_ns, our receive time) of its latest heartbeat, echoed back."""
+    rtt_s: float | None = None
+    settings: settings.TcpSettings | None = None
+    paths: dict[str, int] = field(default_factory=dict)
+
+
+class Agent:
+    def __init__(self, cfg: AgentConfig) -> None:
+        self.cfg = cfg
+        self.name = cfg.host.name
+        self.sm = StateMachine(self.name)
+        self.key = cfg.heartbeat.key
+        self.interval = cfg.heartbeat.interval_ms / 1000
+        self.lease_s = cfg.heartbeat.lease_s
+        self.peer = Peer(cfg.peer.name)
+        self.epoch = 0
+        self.acking = True
+        self.metrics = Metrics()
+        self.supervisor = Supervisor(self._child_crashed)
+        self.dp: DataPlane | None = None
+        self.hb: HeartbeatEndpoint | None = None
+        self.witness: WitnessClient | None = None
+        self.witness_state: dict[str, Any] | None = None
+        self.last_failover: dict[str, Any] | None = None
+        self.exit_status = 0
+        self._done = asyncio.Event()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._renewing = False
+        self._started_ns = time.monotonic_ns()
+        self._control: asyncio.Server | None = None
+        self._lost_at_ns = 0
+        self._claimed: list[str] = []
+        self._peer_mac = bytes(6)
+        self._forming = False
+        self._renewed_ns = 0
+        self._nl = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="netlink")
+        self.witness_reachable: bool | None = None
+        own = settings.read(None, cfg.host.lan_interface)
+        self._settings_info = json.dumps(
+            {"sysctls": own.sysctls, "mtu": own.mtu}, separators=(",", ":")
+        ).encode()
+
+    # ---- life
+
+    async def run(self) -> int:
+        """Serve until stopped (SIGTERM/SIGINT), fenced for good, or crashed; the exit status."""
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stop, f"signal {sig.name}")
+        try:
+            await self._start()
+            self._spawn(self._tick_loop(), "tick")
+            self._spawn(self._status_loop(), "status")
+            await self._done.wait()
+        finally:
+            await self._shutdown()
+        return self.exit_status
+
+    async def _start(self) -> None:
+        cfg = self.cfg
+        raise_priority()
+        self.dp = await self._netlink(
+            DataPlane.open,
+            None,
+            cfg.host.lan_interface,
+            cfg.host.pin_dir,
+            cfg.host.conn_capacity,
+        )
+        await self._netlink(self.dp.attach)
+        self.dp.fence()
+        self.epoch = max(self.dp.epoch(), 1)  # 0 means "no epoch" in a heartbeat
+        for svc in cfg.services:
+            _destroy_sockets(svc.vip, svc.port)
+        self.hb = await HeartbeatEndpoint.open(
+            self.name, self.key, self._paths(), self._on_beat, expect_sender=cfg.peer.name
+        )
+        if cfg.witness is not None:
+            self.witness = WitnessClient(cfg.witness.address, self.key, self.name)
+        self.hb.send(self.epoch, 0, self.sm.state)  # resolves the peer's MAC meanwhile
+        self._peer_mac = await self._neighbor_mac(PEER_MAC_TIMEOUT_S)
+        for svc in cfg.services:
+            await self._netlink(self._configure, svc)
+        for svc in cfg.services:
+            await self.supervisor.start(
+                f"proxy-{svc.vip}-{svc.port}", self._proxy_argv(svc), self._log_path(svc)
+            )
+        state_dir = Path(cfg.host.state_dir)
+        state_dir.mkdir(parents=True, exist_ok=True)
+        sock = state_dir / f"{self.name}.sock"
+        sock.unlink(missing_ok=True)
+        self._control = await asyncio.start_unix_server(self._on_control, str(sock))
+        if cfg.metrics.listen is not None:
+            self.metrics.serve(cfg.metrics.listen)
+        log.info("%s: started; epoch %d, lease %.0f ms", self.name, self.epoch, self.lease_s * 1e3)
+
+    def _paths(self) -> dict[str, tuple[tuple[str, int], tuple[str, int]]]:
+        h, p, port = self.cfg.host, self.cfg.peer, self.cfg.heartbeat.port
+        paths = {"lan": ((h.lan_address, port), (p.lan_address, port))}
+        if h.private_address is not None and p.private_address is not None:
+            paths["private"] = ((h.private_address, port), (p.private_address, port))
+        return paths
+
+    def _configure(self, svc: ServiceConfig) -> None:
+        assert self.dp is not None
+        role = Role.PRIMARY if svc.role == "primary" else Role.BACKUP
+        if role is Role.PRIMARY:
+            self.dp.hide_vip(svc.vip)
+        else:
+            self.dp.claim_vip(svc.vip)  # answered only while the lease is live
+        self.dp.add_service(svc.vip, svc.port, role, self.cfg.peer.lan_address, self._peer_mac)
+
+    def _proxy_argv(self, svc: ServiceConfig) -> list[str]:
+        h, p = self.cfg.host, self.cfg.peer
+        own = h.private_address or h.lan_address
+        peer = p.private_address or p.lan_address
+        argv = [
+            *(sys.executable, "-m", "coral", "proxy", "--listen", f"{svc.vip}:{svc.port}"),
+            *("--backend", f"{svc.backend[0]}:{svc.backend[1]}", "--pin-dir", h.pin_dir),
+            *("--log-key-file", str(self.cfg.heartbeat.key_file)),
+            *("--log-listen", f"{own}:{svc.log_port}", "--log-peer", f"{peer}:{svc.log_port}"),
+            *("--log-local", own, "--max-buffered-reply", str(svc.max_buffered_reply)),
+        ]
+        for prefix in svc.deterministic:
+            argv += ["--deterministic", prefix]
+        if svc.sync_static:
+            argv.append("--sync-static")
+        return argv
+
+    def _log_path(self, svc: ServiceConfig) -> Path:
+        return Path(self.cfg.host.state_dir) / f"proxy-{svc.vip}-{svc.port}.log"
+
+    def _stop(self, why: str) -> None:
+        if self.sm.allowed(State.STOPPED):
+            self._fence_dataplane()
+            self.sm.move(State.STOPPED, why)
+            self._notify("stopped", why)
+        self._done.set()
+
+    async def _shutdown(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        for task in list(self._tasks):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        await self.supervisor.stop_all()
+        if self.hb is not None:
+            self.hb.close()
+        if self._control is not None:
+            self._control.close()
+            (Path(self.cfg.host.state_dir) / f"{self.name}.sock").unlink(missing_ok=True)
+        if self.dp is not None:
+            self.dp.close()
+        self._nl.shutdown(wait=False)
+
+    async def _netlink(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """FN on the netlink thread: pyroute2's calls run an event loop of their own,
+        which cannot nest in the agent's. The data plane's map operations (lease,
+        mode, fence) are plain bpf(2) calls and stay on the loop."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._nl, functools.partial(fn, *args, **kwargs))
+
+    async def _neighbor_mac(self, timeout: float) -> bytes:
+        """The peer's MAC from the neighbour table (heartbeats make the kernel resolve
+        it); zeros if it does not resolve within TIMEOUT (the peer is down: its MAC
+        is needed only for duplex, and configured then)."""
+        h, ip = self.cfg.host, self.cfg.peer.lan_address
+        deadline = time.monotonic() + timeout
+        while True:
+            mac = await self._netlink(identity.neighbor_mac, None, ip, h.lan_interface)
+            if mac is not None:
+                return mac
+            if time.monotonic() >= deadline:
+                return bytes(6)
+            with (
+                socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s,
+                contextlib.suppress(OSError),
+            ):
+                s.sendto(b"", (ip, 9))  # prompts the kernel to resolve it
+            await asyncio.sleep(0.02)
+
+    def _spawn(self, coro: Any, name: str) -> None:
+        task = asyncio.create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("%s: task %s failed", self.name, task.get_name(), exc_info=task.exception())
+            self._crash(f"agent task {task.get_name()} failed: {task.exception()}")
+
+    # ---- heartbeats in
+
+    def _on_beat(self, beat: Beat, path: str, rtt: float | None) -> None:
+        now = time.monotonic_ns()
+        peer = self.peer
+        peer.last_rx_ns = now
+        peer.paths[path] = now
+        peer.epoch, peer.state, peer.echo = beat.epoch, beat.state, (beat.sent_ns, now)
+        if rtt is not None:
+            peer.rtt_s = rtt
+        if beat.info:
+            peer.settings = _settings_of(beat.info)
+        if self.acking:
+            peer.lease_bound_ns = now
+        state = self.sm.state
+        if state in (State.STARTING, State.DUPLEX, State.LOST) and beat.state in (
+            State.TAKEOVER,
+            State.SIMPLEX,
+        ):
+            self._fence(f"{peer.name} serves alone (epoch {beat.epoch}): re-integration needed")
+            return
+        if (
+            state in (State.STARTING, State.DUPLEX)
+            and beat.peer_epoch == self.epoch
+            and beat.echo_ns
+        ):
+            remaining = self.lease_s - (now - beat.echo_ns) / 1e9
+            if remaining > 0 and self.dp is not None:
+                self.dp.renew_lease(self.epoch, remaining)
+                peer.last_acked_ns = now
+
+    # ---- the clock
+
+    async def _tick_loop(self) -> None:
+        next_ns = time.monotonic_ns()
+        step = round(self.interval * 1e9)
+        while True:
+            self._tick()
+            next_ns += step
+            delay = (next_ns - time.monotonic_ns()) / 1e9
+            if delay < 0:  # late (overload, a pause): do not burst to catch up
+                next_ns = time.monotonic_ns()
+                delay = 0
+            await asyncio.sleep(delay)
+
+    def _tick(self) -> None:
+        now = time.monotonic_ns()
+        state = self.sm.state
+        if self.hb is not None and state is not State.FAILED:
+            acked = self.peer.epoch if self.acking and self.peer.last_rx_ns else 0
+            self.hb.send(self.epoch, acked, state, info=self._settings_info)
+        lease_ns = round(self.lease_s * 1e9)
+        if state is State.STARTING:
+            if self.peer.last_acked_ns and now - self.peer.last_acked_ns < lease_ns:
+                self._form_duplex()
+            elif now - self._started_ns > STARTUP_GRACE_LEASES * lease_ns:
+                self._lose(f"{self.peer.name} not heard since start")
+        elif state is State.DUPLEX:
+            silent = now - self.peer.last_acked_ns
+            if silent > lease_ns:
+                self._lose(
+                    f"no heartbeat acknowledging epoch {self.epoch} for {silent / 1e6:.0f} ms"
+                )
+        elif state is State.SIMPLEX:
+            self._renew_alone()
+
+    # ---- the pair
+
+    def _form_duplex(self) -> None:
+        if self.peer.settings is None or self._forming:
+            return  # its settings come with its next heartbeat; or already under way
+        self._forming = True
+        self._spawn(self._go_duplex(self.peer.settings), "duplex")
+
+    async def _go_duplex(self, peer_settings: settings.TcpSettings) -> None:
+        assert self.dp is not None
+        try:
+            if self._peer_mac == bytes(6):  # the peer was down when this host started
+                self._peer_mac = await self._neighbor_mac(0)
+                if self._peer_mac == bytes(6):
+                    return
+                for svc in self.cfg.services:
+                    await self._netlink(self._configure, svc)
+            for svc in self.cfg.services:
+                await self._netlink(
+                    self.dp.set_mode, svc.vip, svc.port, Mode.DUPLEX, peer_settings=peer_settings
+                )
+        except DataPlaneError as e:
+            self._fence(f"duplex refused: {e}")
+            return
+        finally:
+            self._forming = False
+        if self.sm.state is State.STARTING:
+            self.sm.move(State.DUPLEX, f"{self.peer.name} acknowledges epoch {self.epoch}")
+            self._notify("duplex", "pair formed")
+
+    def _lose(self, why: str) -> None:
+        self.acking = False
+        self._lost_at_ns = time.monotonic_ns()
+        self.sm.move(State.LOST, why)
+        self.sm.want(State.SIMPLEX)
+        self._notify("peer-lost", why)
+        self._spawn(self._take_over(), "takeover")
+
+    async def _take_over(self) -> None:
+        """LOST -> TAKEOVER -> SIMPLEX, or FENCED when the right to serve alone is not certain."""
+        assert self.dp is not None
+        detected = self._lost_at_ns
+        epoch = max(self.epoch, self.peer.epoch) + 1
+        if self.witness is not None:
+            try:
+                grant = await self.witness.request(epoch, ALONE_LEASE_S)
+                self.witness_reachable = True
+            except WitnessUnreachable:
+                self.witness_reachable = False
+                self._fence("the witness is unreachable: the right to serve alone is not certain")
+                return
+            self.witness_state = {"holder": grant.holder, "epoch": grant.epoch}
+            if not grant.granted:
+                self._fence(f"the witness granted epoch {grant.epoch} to {grant.holder}")
+                return
+        elif not await reach.any_reachable(self.cfg.identity.confirm_hosts):
+            self._fence("no outside host reachable: this host is the isolated one")
+            return
+        self.epoch = epoch
+        self.dp.renew_lease(epoch, ALONE_LEASE_S)
+        self._renewed_ns = time.monotonic_ns()
+        granted = time.monotonic_ns()
+        if self.sm.state is not State.LOST:
+            return  # fenced meanwhile
+        self.sm.move(State.TAKEOVER, f"entitled to epoch {epoch}")
+        end = self.peer.lease_bound_ns + round((self.lease_s + MARGIN_S) * 1e9)
+        await asyncio.sleep(max(0, end - time.monotonic_ns()) / 1e9)
+        waited = time.monotonic_ns()
+        for svc in self.cfg.services:
+            self.dp.set_mode(svc.vip, svc.port, Mode.SIMPLEX)
+        switched = time.monotonic_ns()
+        self.sm.move(State.SIMPLEX, f"{self.peer.name}'s lease has run out; serving alone")
+        self._claimed = [s.vip for s in self.cfg.services if s.role == "primary"]
+        for vip in self._claimed:
+            await self._netlink(self.dp.claim_vip, vip)
+        claimed = time.monotonic_ns()
+        last_ack = self.peer.last_acked_ns or detected
+        self.last_failover = {
+            "at": _utc_now(),
+            "why": f"{self.peer.name} lost",
+            "phases_ms": {
+                "detection": (detected - last_ack) / 1e6,
+                "fencing_wait": (waited - detected) / 1e6,
+                "data_plane": (switched - waited) / 1e6,
+                "identity": (claimed - switched) / 1e6,
+            },
+        }
+        self.last_failover["total_ms"] = (claimed - last_ack) / 1e6
+        self.last_failover["grant_ms"] = (granted - detected) / 1e6
+        self._notify("simplex", f"serving alone after {self.last_failover['total_ms']:.1f} ms")
+        if self._claimed:
+            await self._announce()
+
+    async def _announce(self) -> None:
+        """Gratuitous ARP for the claimed VIPs until an outside host answers through the
+        router (the router's ARP entry moved), then again every arp_refresh_s."""
+        ident = self.cfg.identity
+        lan_if = self.cfg.host.lan_interface
+        confirmed = not ident.confirm_hosts
+        while self.sm.state is State.SIMPLEX:
+            for vip in self._claimed:
+                for _ in range(ident.arp_count):
+                    await asyncio.to_thread(identity.gratuitous_arp, None, vip, lan_if, 1)
+                    await asyncio.sleep(ident.arp_spacing_ms / 1000)
+            if not confirmed:
+                confirmed = all(
+                    [
+                        await reach.any_reachable(ident.confirm_hosts, source=v)
+                        for v in self._claimed
+                    ]
+                )
+                if confirmed:
+                    log.info("%s: VIP move confirmed through the router", self.name)
+                    if self.last_failover is not None:
+                        self.last_failover["confirmed_ms"] = (
+                            time.monotonic_ns() - self._lost_at_ns
+                        ) / 1e6
+                    continue
+            if confirmed:
+                if not ident.arp_refresh_s:
+                    return
+                await asyncio.sleep(ident.arp_refresh_s)
+
+    def _renew_alone(self) -> None:
+        """The lease while alone: the witness's renewed grant is the evidence; without a
+        witness, the peer's continued silence."""
+        assert self.dp is not None
+        if time.monotonic_ns() - self._renewed_ns < ALONE_LEASE_S / 4 * 1e9:
+            return
+        if self.witness is None:
+            self.dp.renew_lease(self.epoch, ALONE_LEASE_S)
+            self._renewed_ns = time.monotonic_ns()
+            return
+        if self._renewing:
+            if self.dp.lease_remaining_s() == 0:
+                self._fence("the lease ran out: the witness did not renew the grant in time")
+            return
+        self._renewing = True
+        self._spawn(self._renew_with_witness(), "renew")
+
+    async def _renew_with_witness(self) -> None:
+        assert self.dp is not None and self.witness is not None
+        try:
+            asked = time.monotonic_ns()
+            grant = await self.witness.request(self.epoch, ALONE_LEASE_S)
+            self.witness_reachable = True
+            self.witness_state = {"holder": grant.holder, "epoch": grant.epoch}
+            if not grant.granted:
+                self._fence(f"the witness now grants epoch {grant.epoch} to {grant.holder}")
+            elif self.sm.state is State.SIMPLEX:
+                self.dp.renew_lease(self.epoch, ALONE_LEASE_S - (time.monotonic_ns() - asked) / 1e9)
+                self._renewed_ns = asked
+        except WitnessUnreachable:
+            self.witness_reachable = False  # the lease runs out by itself if this lasts
+        finally:
+            self._renewing = False
+
+    # ---- ending badly
+
+    def _fence_dataplane(self) -> None:
+        if self.dp is not None:
+            self.dp.fence()
+
+    def _fence(self, why: str) -> None:
+        if not self.sm.allowed(State.FENCED):
+            return
+        self._fence_dataplane()
+        self.acking = False
+        self.sm.move(State.FENCED, why)
+        self._notify("fenced", why)
+
+    def _child_crashed(self, name: str, status: int) -> None:
+        self._crash(f"{name} exited with status {status}")
+
+    def _crash(self, why: str) -> None:
+        """A part of this host died: the whole host is down (fence, kill, stop heartbeats)."""
+        if not self.sm.allowed(State.FAILED):
+            return
+        self._fence_dataplane()
+        self.supervisor.kill_all()
+        if self.hb is not None:
+            self.hb.close()
+            self.hb = None
+        self.sm.move(State.FAILED, why)
+        self._notify("failed", why)
+        self.exit_status = 1
+        self._done.set()
+
+    # ---- telling others
+
+    def _notify(self, event: str, why: str) -> None:
+        command = self.cfg.notify.command
+        if not command:
+            return
+        payload = json.dumps({"event": event, "why": why, "status": self.status()}).encode()
+        self._spawn(_run_hook(list(command), payload), f"notify-{event}")
+
+    async def _status_loop(self) -> None:
+        refused = 0
+        while True:
+            self.metrics.update(self.status())
+            if self.hb is not None:
+                now = self.hb.counters["forged"]
+                if now > refused:
+                    log.warning(
+                        "%s: %d heartbeats failed authentication: forged, or the peer has "
+                        "the wrong key", self.name, now - refused,
+                    )  # fmt: skip
+                refused = now
+            await asyncio.sleep(STATUS_EVERY_S)
+
+    def status(self) -> dict[str, Any]:
+        now = time.monotonic_ns()
+        peer = self.peer
+        lease = self.dp.lease_remaining_s() if self.dp is not None else 0.0
+        conns = self.dp.connections() if self.dp is not None else []
+        services = []
+        for svc in self.cfg.services:
+            mode = "unknown"
+            if self.dp is not None:
+                with contextlib.suppress(DataPlaneError):
+                    mode = self.dp.mode(svc.vip, svc.port).name.lower()
+            mine = [c for c in conns if (c.vip, c.vip_port) == (svc.vip, svc.port)]
+            child = self.supervisor.children.get(f"proxy-{svc.vip}-{svc.port}")
+            services.append({
+                "vip": svc.vip, "port": svc.port, "role": svc.role, "mode": mode,
+                "connections": {
+                    "duplex": sum(c.mode is Mode.DUPLEX for c in mine),
+                    "simplex": sum(c.mode is Mode.SIMPLEX for c in mine),
+                },
+                "proxy": {"pid": child.proc.pid if child else None,
+                          "running": bool(child and child.running)},
+            })  # fmt: skip
+        hb = self.hb
+        return {
+            "host": self.name,
+            "peer": peer.name,
+            "state": str(self.sm.state),
+            "wantstate": str(self.sm.wantstate),
+            "since_s": round(self.sm.since_s, 3),
+            "epoch": self.epoch,
+            "lease_remaining_s": round(lease, 4),
+            "peer_status": {
+                "alive": bool(peer.last_rx_ns) and now - peer.last_rx_ns < self.lease_s * 1e9,
+                "state": peer.state,
+                "epoch": peer.epoch,
+                "last_seen_s": _age(now, peer.last_rx_ns),
+                "rtt_ms": None if peer.rtt_s is None else round(peer.rtt_s * 1e3, 3),
+                "misses": _misses(now, peer.last_rx_ns, self.interval),
+                "paths": {
+                    name: {
+                        "received": st.received,
+                        "last_seen_s": _age(now, st.last_seen_ns),
+                        "rtt_ms": None if st.rtt_s is None else round(st.rtt_s * 1e3, 3),
+                    }
+                    for name, st in (hb.path_stats.items() if hb else [])
+                },
+            },
+            "heartbeats": dict(hb.counters) if hb else {},
+            "witness": None
+            if self.cfg.witness is None
+            else {
+                "address": "{}:{}".format(*self.cfg.witness.address),
+                "reachable": self.witness_reachable,
+                **(self.witness_state or {"holder": None, "epoch": 0}),
+            },
+            "services": services,
+            "last_failover": self.last_failover,
+            "transitions": [t.as_dict() for t in self.sm.history],
+        }
+
+    async def _on_control(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """One JSON request per connection: {"cmd": "status"} or {"cmd": "fence"}."""
+        try:
+            async with asyncio.timeout(5):
+                request = json.loads(await reader.readline() or b"{}")
+            cmd = request.get("cmd")
+            if cmd == "status":
+                reply: dict[str, Any] = {"ok": True, "status": self.status()}
+            elif cmd == "fence":
+                self._fence(f"operator: {request.get('why') or 'coral fence'}")
+                reply = {"ok": True, "state": str(self.sm.state)}
+            else:
+                reply = {"ok": False, "error": f"unknown command {cmd!r}"}
+        except (ValueError, TimeoutError, AttributeError) as e:
+            reply = {"ok": False, "error": f"bad request: {e}"}
+        writer.write(json.dumps(reply).encode() + b"\n")
+        with contextlib.suppress(OSError):
+            await writer.drain()
+        writer.close()
+
+
+def _age(now: int, then: int) -> float | None:
+    return None if not then else round((now - then) / 1e9, 4)
+
+
+def _misses(now: int, then: int, interval: float) -> int:
+    return 0 if not then else max(0, int((now - then) / 1e9 / interval) - 1)
+
+
+def _utc_now() -> str:
+    return datetime.datetime.now(datetime.UTC).isoformat(timespec="milliseconds")
+
+
+def _settings_of(info: bytes) -> settings.TcpSettings | None:
+    try:
+        data = json.loads(info)
+        return settings.TcpSettings(dict(data["sysctls"]), int(data["mtu"]))
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+async def _run_hook(argv: list[str], payload: bytes) -> None:
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        async with asyncio.timeout(10):
+            await proc.communicate(payload)
+    except (OSError, TimeoutError) as e:
+        log.warning("notify hook %s failed: %s", argv[0], e)
+
+
+def _destroy_sockets(vip: str, port: int) -> None:
+    """Stale service sockets of an earlier run (a crash): destroyed before this host
+    may serve again (SOCK_DESTROY through `ss -K`; start-up only)."""
+    subprocess.run(
+        ["ss", "-K", "-t", "-n", "state", "all", "src", vip, "sport", "=", f":{port}"],
+        check=False,
+        capture_output=True,
+        timeout=10,
+    )

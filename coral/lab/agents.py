@@ -1,0 +1,192 @@
+"""The product running in the lab: a node agent (with its proxies) on the primary
+and on the backup, and the split-brain witness on the router.
+
+`coral lab up --pair` and the agent tests use it. Everything it starts lives
+in the lab's namespaces (so `coral lab down` removes it) and writes into the
+lab's directory: <host>/agent/agent.toml, agent.log, the proxies' logs and
+the control socket <host>.sock; router/witness.log.
+"""
+
+from __future__ import annotations
+
+import secrets
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from coral import netns
+from coral.agent.cli import request, wait_state
+from coral.lab.lab import Lab
+from coral.lab.pair import HOSTS, LOG_PORT, peer_of
+from coral.lab.topology import (
+    LAN_IF,
+    PRIVATE_IF,
+    PRIVATE_IPS,
+    ROUTER_CLIENT_IP,
+    ROUTER_LAN_IP,
+    SERVER_LAN_IPS,
+    SERVICE_PORT,
+    SERVICE_VIP,
+    LabError,
+)
+
+HEARTBEAT_PORT = 7001
+WITNESS_PORT = 7002
+START_TIMEOUT_S = 20.0
+
+
+@dataclass
+class LabPair:
+    """The agents of one lab (and its witness)."""
+
+    lab: Lab
+    witness: bool
+
+    def agent_dir(self, host: str) -> Path:
+        return self.lab.dir / host / "agent"
+
+    def config(self, host: str) -> Path:
+        return self.agent_dir(host) / "agent.toml"
+
+    def socket(self, host: str) -> Path:
+        return self.agent_dir(host) / f"{host}.sock"
+
+    def log(self, host: str) -> Path:
+        return self.agent_dir(host) / "agent.log"
+
+    def status(self, host: str) -> dict[str, Any]:
+        reply = request(str(self.socket(host)), {"cmd": "status"})
+        status: dict[str, Any] = reply["status"]
+        return status
+
+    def wait(self, host: str, states: set[str], timeout: float) -> dict[str, Any]:
+        """HOST's status once its state is one of STATES; LabError after TIMEOUT s."""
+        try:
+            return wait_state(str(self.socket(host)), states, timeout)
+        except TimeoutError as e:
+            raise LabError(f"{e}; its log ends:\n{_tail(self.log(host))}") from None
+
+    def start_agent(self, host: str) -> None:
+        argv = [sys.executable, "-m", "coral", "agent", "run", str(self.config(host))]
+        _detached(self.lab, host, argv, self.log(host))
+
+
+def start(
+    lab: Lab, *, interval_ms: int = 20, misses: int = 3, witness: bool = True, **service: Any
+) -> LabPair:
+    """Agents on primary and backup (SERVICE: extra [[service]] keys, e.g.
+    deterministic=["/static/"]), the witness on the router; returns once both
+    agents run duplex."""
+    pair = LabPair(lab, witness)
+    key = lab.dir / "pair.key"
+    if not key.exists():
+        key.touch(mode=0o600)
+        key.write_bytes(secrets.token_hex(32).encode())
+    if witness:
+        argv = [sys.executable, "-m", "coral", "witness", "--listen",
+                f"{ROUTER_LAN_IP}:{WITNESS_PORT}", "--key-file", str(key),
+                "--state-file", str(lab.dir / "router" / "witness.json")]  # fmt: skip
+        _detached(lab, "router", argv, lab.dir / "router" / "witness.log")
+        if not netns.wait_udp_bound(lab.namespace("router"), WITNESS_PORT, 10):
+            raise LabError(f"the witness did not start: {_tail(lab.dir / 'router/witness.log')}")
+    for host in HOSTS:
+        # No delayed ACKs toward clients: the primary's acknowledgement waits
+        # for the backup's, and neither should wait for a timer.
+        lab.run(host, ["ip", "route", "replace", "default", "via", ROUTER_LAN_IP, "dev", LAN_IF,
+                       "quickack", "1"])  # fmt: skip
+        (lab.bpffs / host).mkdir(exist_ok=True)
+        pair.agent_dir(host).mkdir(parents=True, exist_ok=True)
+        pair.config(host).write_text(
+            config_text(lab, host, key, interval_ms, misses, witness, service)
+        )
+    for host in HOSTS:
+        pair.start_agent(host)
+    for host in HOSTS:
+        pair.wait(host, {"duplex"}, START_TIMEOUT_S)
+    return pair
+
+
+def config_text(
+    lab: Lab,
+    host: str,
+    key: Path,
+    interval_ms: int,
+    misses: int,
+    witness: bool,
+    service: dict[str, Any],
+) -> str:
+    """HOST's agent configuration in the lab (TOML)."""
+    peer = peer_of(host)
+    private = lab.topo.private_link
+    lines = [
+        "[host]",
+        f'name = "{host}"',
+        f'lan_interface = "{LAN_IF}"',
+        f'lan_address = "{SERVER_LAN_IPS[host]}"',
+        *(
+            [f'private_interface = "{PRIVATE_IF}"', f'private_address = "{PRIVATE_IPS[host]}"']
+            if private
+            else []
+        ),
+        f'pin_dir = "{lab.bpffs / host}"',
+        f'state_dir = "{lab.dir / host / "agent"}"',
+        "",
+        "[peer]",
+        f'name = "{peer}"',
+        f'lan_address = "{SERVER_LAN_IPS[peer]}"',
+        *([f'private_address = "{PRIVATE_IPS[peer]}"'] if private else []),
+        "",
+        "[heartbeat]",
+        f"port = {HEARTBEAT_PORT}",
+        f"interval_ms = {interval_ms}",
+        f"misses = {misses}",
+        f'key_file = "{key}"',
+        "",
+        *(["[witness]", f'address = "{ROUTER_LAN_IP}:{WITNESS_PORT}"', ""] if witness else []),
+        "[identity]",
+        f'confirm_hosts = ["{ROUTER_CLIENT_IP}"]',
+        "",
+        "[metrics]",
+        'listen = ""',
+        "",
+        "[[service]]",
+        f'vip = "{SERVICE_VIP}"',
+        f"port = {SERVICE_PORT}",
+        f'role = "{host}"',
+        f"log_port = {LOG_PORT}",
+        *(f"{k} = {_toml(v)}" for k, v in service.items()),
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _toml(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    if isinstance(value, str):
+        return f'"{value}"'
+    return str(value)
+
+
+def _detached(lab: Lab, host: str, argv: list[str], log: Path) -> None:
+    """Start ARGV on HOST in its own session (it outlives the command that started
+    it; the lab's removal kills it), output to LOG."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "ab") as out:
+        subprocess.Popen(
+            lab.argv(host, argv),
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+
+def _tail(path: Path, lines: int = 15) -> str:
+    if not path.exists():
+        return "(no log)"
+    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
