@@ -62,11 +62,17 @@ def wait_for(cond: Callable[[], bool], timeout: float, what: str) -> None:
 def wait_replicating(pair: LabPair, count: int) -> None:
     """The phase before a crash: COUNT connections replicated on the primary."""
 
+    seen: list[object] = []
+
     def replicated() -> bool:
         svc = pair.status("primary")["services"][0]
+        seen[:] = [svc]
         return bool(svc["connections"]["duplex"] >= count)
 
-    wait_for(replicated, 10, f"{count} replicated connections")
+    try:
+        wait_for(replicated, 10, f"{count} replicated connections")
+    except AssertionError as e:
+        raise AssertionError(f"{e}; last seen: {seen}") from None
 
 
 def check_load(runs: list[ToolRun], lab: Lab) -> list[dict[str, Any]]:
@@ -246,3 +252,30 @@ def test_a_dying_proxy_is_a_host_crash(pair: LabPair) -> None:
     pair.wait("backup", {"simplex"}, TAKEOVER_TIMEOUT_S)
     check_load(runs, pair.lab)
     assert "exited with status" in pair.log("primary").read_text()
+
+
+@pytest.mark.parametrize("victim", HOSTS)
+def test_dual_role_pair_survives_either_crash(victim: str) -> None:
+    """Two services with crossed roles (each host primary for one, backup for the
+    other, distinct VIPs): either host's crash leaves both served, without loss."""
+    lab = Lab.up(fresh_name("dr"), clients=2)
+    try:
+        pair = agents.start(lab, services=agents.DUAL_ROLE)
+        runs = [
+            lab.start_tool(client, "load", f"http://{svc.vip}", "--duration", str(LOAD_S),
+                           "--connections", "4")
+            for client, svc in zip(("client1", "client2"), agents.DUAL_ROLE, strict=True)
+        ]  # fmt: skip
+        wait_for(
+            lambda: all(
+                s["connections"]["duplex"] >= 4 for s in pair.status("primary")["services"]
+            ),
+            10,
+            "both services replicated",
+        )
+        pair.lab.crash(victim, "kill")
+        status = pair.wait(peer_of(victim), {"simplex"}, TAKEOVER_TIMEOUT_S)
+        assert [s["mode"] for s in status["services"]] == ["simplex", "simplex"], status
+        check_load(runs, lab)
+    finally:
+        lab.down()

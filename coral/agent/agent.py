@@ -116,6 +116,7 @@ class Agent:
         self.witness: WitnessClient | None = None
         self.witness_state: dict[str, Any] | None = None
         self.last_failover: dict[str, Any] | None = None
+        self.failovers = 0
         self.exit_status = 0
         self._done = asyncio.Event()
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -420,15 +421,17 @@ class Agent:
         for svc in self.cfg.services:
             self.dp.set_mode(svc.vip, svc.port, Mode.SIMPLEX)
         switched = time.monotonic_ns()
-        self.sm.move(State.SIMPLEX, f"{self.peer.name}'s lease has run out; serving alone")
         self._claimed = [s.vip for s in self.cfg.services if s.role == "primary"]
         for vip in self._claimed:
             await self._netlink(self.dp.claim_vip, vip)
         claimed = time.monotonic_ns()
         last_ack = self.peer.last_acked_ns or detected
+        self.failovers += 1
         self.last_failover = {
             "at": _utc_now(),
             "why": f"{self.peer.name} lost",
+            "total_ms": (claimed - last_ack) / 1e6,
+            "grant_ms": (granted - detected) / 1e6,
             "phases_ms": {
                 "detection": (detected - last_ack) / 1e6,
                 "fencing_wait": (waited - detected) / 1e6,
@@ -436,8 +439,7 @@ class Agent:
                 "identity": (claimed - switched) / 1e6,
             },
         }
-        self.last_failover["total_ms"] = (claimed - last_ack) / 1e6
-        self.last_failover["grant_ms"] = (granted - detected) / 1e6
+        self.sm.move(State.SIMPLEX, f"{self.peer.name}'s lease has run out; serving alone")
         self._notify("simplex", f"serving alone after {self.last_failover['total_ms']:.1f} ms")
         if self._claimed:
             await self._announce()
@@ -617,6 +619,7 @@ class Agent:
             },
             "services": services,
             "last_failover": self.last_failover,
+            "failovers": self.failovers,
             "transitions": [t.as_dict() for t in self.sm.history],
         }
 

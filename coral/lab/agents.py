@@ -26,6 +26,7 @@ from coral.lab.topology import (
     PRIVATE_IPS,
     ROUTER_CLIENT_IP,
     ROUTER_LAN_IP,
+    SECOND_VIP,
     SERVER_LAN_IPS,
     SERVICE_PORT,
     SERVICE_VIP,
@@ -73,12 +74,31 @@ class LabPair:
         _detached(self.lab, host, argv, self.log(host))
 
 
+@dataclass(frozen=True)
+class LabService:
+    """One service of the lab pair: which lab host is its primary (the other is
+    its backup), and extra [[service]] keys (e.g. deterministic=["/static/"])."""
+
+    vip: str = SERVICE_VIP
+    primary: str = "primary"
+    log_port: int = LOG_PORT
+    extra: tuple[tuple[str, Any], ...] = ()
+
+
+DUAL_ROLE = (LabService(), LabService(SECOND_VIP, "backup", LOG_PORT + 10))
+"""Two services with crossed roles: each host primary for one, backup for the other."""
+
+
 def start(
-    lab: Lab, *, interval_ms: int = 20, misses: int = 3, witness: bool = True, **service: Any
+    lab: Lab,
+    *,
+    interval_ms: int = 20,
+    misses: int = 3,
+    witness: bool = True,
+    services: tuple[LabService, ...] = (LabService(),),
 ) -> LabPair:
-    """Agents on primary and backup (SERVICE: extra [[service]] keys, e.g.
-    deterministic=["/static/"]), the witness on the router; returns once both
-    agents run duplex."""
+    """Agents on primary and backup for SERVICES, the witness on the router;
+    returns once both agents run duplex."""
     pair = LabPair(lab, witness)
     key = lab.dir / "pair.key"
     if not key.exists():
@@ -99,7 +119,7 @@ def start(
         (lab.bpffs / host).mkdir(exist_ok=True)
         pair.agent_dir(host).mkdir(parents=True, exist_ok=True)
         pair.config(host).write_text(
-            config_text(lab, host, key, interval_ms, misses, witness, service)
+            config_text(lab, host, key, interval_ms, misses, witness, services)
         )
     for host in HOSTS:
         pair.start_agent(host)
@@ -115,7 +135,7 @@ def config_text(
     interval_ms: int,
     misses: int,
     witness: bool,
-    service: dict[str, Any],
+    services: tuple[LabService, ...],
 ) -> str:
     """HOST's agent configuration in the lab (TOML)."""
     peer = peer_of(host)
@@ -151,14 +171,17 @@ def config_text(
         "[metrics]",
         'listen = ""',
         "",
-        "[[service]]",
-        f'vip = "{SERVICE_VIP}"',
-        f"port = {SERVICE_PORT}",
-        f'role = "{host}"',
-        f"log_port = {LOG_PORT}",
-        *(f"{k} = {_toml(v)}" for k, v in service.items()),
-        "",
     ]
+    for svc in services:
+        lines += [
+            "[[service]]",
+            f'vip = "{svc.vip}"',
+            f"port = {SERVICE_PORT}",
+            f'role = "{"primary" if svc.primary == host else "backup"}"',
+            f"log_port = {svc.log_port}",
+            *(f"{k} = {_toml(v)}" for k, v in svc.extra),
+            "",
+        ]
     return "\n".join(lines)
 
 
