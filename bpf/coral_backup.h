@@ -40,6 +40,39 @@ static __always_inline enum coral_reason coral_backup_syn(struct __sk_buff *skb,
 	return CORAL_DROP_SYN_HELD;
 }
 
+/* A client packet of a connection this host does not hold. In duplex, unless
+ * this stack has a socket for it (a connection it serves alone: the table
+ * was full at its SYN), it is one the primary serves alone, opened before
+ * this host rejoined the pair and took the VIP: forward it to the primary.
+ * Otherwise (simplex, a SYN, a socket here) this stack handles it. The
+ * frame is readdressed to the peer; coral_ingress sends it back out. */
+static __always_inline enum coral_reason coral_backup_unknown(struct __sk_buff *skb,
+							      const struct coral_pkt *pkt,
+							      const struct coral_service *svc,
+							      const struct coral_seg *seg)
+{
+	struct bpf_sock_tuple tuple = {};
+	struct bpf_sock *sk;
+	bool here;
+
+	if (svc->state->mode != CORAL_MODE_DUPLEX || seg->syn)
+		return CORAL_PASS_SERVICE;
+	tuple.ipv4.saddr = pkt->ip->saddr;
+	tuple.ipv4.daddr = pkt->ip->daddr;
+	tuple.ipv4.sport = pkt->tcp->source;
+	tuple.ipv4.dport = pkt->tcp->dest;
+	sk = bpf_sk_lookup_tcp(skb, &tuple, sizeof(tuple.ipv4), BPF_F_CURRENT_NETNS, 0);
+	if (sk) {
+		here = sk->state != BPF_TCP_LISTEN;
+		bpf_sk_release(sk);
+		if (here)
+			return CORAL_PASS_SERVICE;
+	}
+	if (coral_store_macs(skb, svc->state->peer_mac, svc->state->own_mac))
+		return CORAL_DROP_REWRITE_FAILED;
+	return CORAL_PASS_FORWARDED; /* redirected by the caller */
+}
+
 /* Let the backup's kernel see at most the acknowledgement of what it has
  * sent: Linux discards a segment acknowledging unsent data, payload and
  * all. The client's real acknowledgement is kept for the fake ACK. */
@@ -97,7 +130,7 @@ static __always_inline enum coral_reason coral_backup_in(struct __sk_buff *skb,
 		return CORAL_PASS_SERVICE;
 	}
 	if (!c)
-		return CORAL_PASS_SERVICE; /* served by this host alone, or a stray */
+		return coral_backup_unknown(skb, pkt, svc, &seg);
 	c->last_ns = bpf_ktime_get_ns();
 	mode = coral_conn_mode(svc->state, c);
 	hs = bpf_map_lookup_elem(&coral_handshakes, &key);

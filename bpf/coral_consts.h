@@ -61,6 +61,11 @@ enum coral_reason {
 	 * data, up to a whole GSO packet of it): the data passes, the FIN
 	 * flag is removed. */
 	CORAL_PASS_FIN_STRIPPED,
+	/* Backup, duplex: a client packet of a connection this host does not
+	 * hold and has no socket for (one the primary serves alone, opened
+	 * before this host rejoined): redirected to the primary, not
+	 * delivered here (this stack would reset it). */
+	CORAL_PASS_FORWARDED,
 
 	/* Service traffic while the service is fenced (mode). */
 	CORAL_DROP_FENCED,

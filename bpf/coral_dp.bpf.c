@@ -51,6 +51,10 @@ int coral_ingress(struct __sk_buff *skb)
 			r = coral_backup_in(skb, &pkt, &svc);
 		else
 			r = coral_primary_in(&pkt, &svc);
+		if (r == CORAL_PASS_FORWARDED) { /* readdressed to the primary */
+			coral_count(skb, r);
+			return bpf_redirect(skb->ifindex, 0);
+		}
 	} else if (r == CORAL_PASS_OTHER && pkt.tcp) {
 		r = coral_service_lookup(&pkt, false, &svc);
 		if (r == CORAL_CONTINUE)

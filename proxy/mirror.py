@@ -122,7 +122,7 @@ async def mirror(c: ClientConnection, rep: Replication) -> bool:
     replied_through = 0
     partial: _Prefix | None = None
     reading = asyncio.create_task(_read_ahead(c, room, parsed, lambda: replied_through))
-    alone = asyncio.create_task(rep.alone.wait())
+    alone = asyncio.create_task(c.era.alone.wait())
     try:
         while True:
             record_task = asyncio.create_task(box.get())

@@ -66,6 +66,18 @@ class Phase(enum.StrEnum):
     """Half of the reply written to the client."""
 
 
+class Era:
+    """One pair's lifetime as this proxy sees it. A connection belongs to the era it
+    was accepted in: ALONE once that pair dissolved (this host serves it alone from
+    then on), SUPERSEDED once a new pair formed (it then finishes: its received
+    requests answered, then closed at the HTTP level, so the client reconnects
+    into the new pair)."""
+
+    def __init__(self) -> None:
+        self.alone = asyncio.Event()
+        self.superseded = asyncio.Event()
+
+
 class ReplicationError(Exception):
     """The proxy cannot take its part (no service in the data plane, no role)."""
 
@@ -88,10 +100,11 @@ class Replication:
                 "regenerated_mismatch",
                 "streamed_replies",
                 "takeovers",
+                "rejoins",
             ),
             0,
         )
-        self.alone = asyncio.Event()
+        self.era = Era()
         self.role = Role.PRIMARY
         self._view: PlaneView | None = None
         self._marker: ClosingMarker | None = None
@@ -119,18 +132,20 @@ class Replication:
             raise ReplicationError(f"service {vip}:{port} has no role in the data plane")
         self.role = service.role
         if service.mode is Mode.SIMPLEX:
-            self.alone.set()  # FENCED is not alone: the host may not serve at all yet
+            self.era.alone.set()  # FENCED is not alone: the host may not serve at all yet
         self._thread = ChannelThread()
-        self._tasks.append(asyncio.create_task(self._watch_mode(), name="replication-mode"))
-        if self.role is Role.PRIMARY:
-            self._tasks.append(asyncio.create_task(self._connect(), name="replication-connect"))
-        else:
-            host, lport = cfg.log_listen or ("", 0)
-            self._listener = await self._thread.run(LogListener.start(host, lport, cfg.log_key))
-            loop = asyncio.get_running_loop()
-            self._remote.append(
-                asyncio.run_coroutine_threadsafe(self._serve_channels(loop), self._thread.loop)
-            )
+        # Either role may come later (a re-integration swaps them): listen always.
+        host, lport = cfg.log_listen or ("", 0)
+        self._listener = await self._thread.run(LogListener.start(host, lport, cfg.log_key))
+        loop = asyncio.get_running_loop()
+        self._remote.append(
+            asyncio.run_coroutine_threadsafe(self._serve_channels(loop), self._thread.loop)
+        )
+        self._tasks.append(
+            asyncio.create_task(self._watch_mode(service.mode), name="replication-mode")
+        )
+        if self.role is Role.PRIMARY and service.mode is Mode.DUPLEX:
+            self._start_connector()
 
     async def close(self) -> None:
         for task in self._tasks:
@@ -165,8 +180,9 @@ class Replication:
         assert self._marker is not None
         self._marker(sock)
 
-    async def pause(self, phase: Phase, conn: ConnId, request_no: int) -> None:
-        """The test hook: the first time PHASE is reached, say so and wait until alone."""
+    async def pause(self, phase: Phase, conn: ConnId, request_no: int, era: Era) -> None:
+        """The test hook: the first time PHASE is reached, say so and wait until ERA
+        (the connection's) is alone."""
         if self.cfg.pause_at != phase or self._paused:
             return
         self._paused = True
@@ -175,7 +191,7 @@ class Replication:
             file=sys.stderr,
             flush=True,
         )
-        await self.alone.wait()
+        await era.alone.wait()
 
     # ---- the primary
 
@@ -186,34 +202,35 @@ class Replication:
         offset: int,
         data: bytes,
         final: bool,
+        era: Era,
         digest: bool = False,
     ) -> bool:
         """Returns once the backup holds DATA (the reply bytes at OFFSET, or with
-        DIGEST a digest_payload), or once this host is alone. True: the backup
-        asks for the body of the DIGEST record (its own differed)."""
+        DIGEST a digest_payload), or once ERA (the connection's) is alone. True:
+        the backup asks for the body of the DIGEST record (its own differed)."""
         if digest:
             self.counters["digest_records"] += 1
         mismatch = await self._logged(
-            lambda ch: ch.log_reply(conn, request_no, offset, data, final, digest)
+            lambda ch: ch.log_reply(conn, request_no, offset, data, final, digest), era
         )
         return bool(mismatch)
 
-    async def log_close(self, conn: ConnId, offset: int) -> None:
-        """Returns once the backup knows CONN closes at OFFSET, or once alone."""
-        await self._logged(lambda ch: ch.log_close(conn, offset))
+    async def log_close(self, conn: ConnId, offset: int, era: Era) -> None:
+        """Returns once the backup knows CONN closes at OFFSET, or once ERA is alone."""
+        await self._logged(lambda ch: ch.log_close(conn, offset), era)
 
-    async def _logged(self, call: Any) -> Any:
-        """CALL(channel)'s result once it succeeds; None once alone (also while the
-        call is under way: a backup whose link died never answers, its channel
+    async def _logged(self, call: Any, era: Era) -> Any:
+        """CALL(channel)'s result once it succeeds; None once ERA is alone (also while
+        the call is under way: a backup whose link died never answers, its channel
         only times out minutes later)."""
-        while not self.alone.is_set():
+        while not era.alone.is_set():
             channel = self._primary
             if channel is None:
-                await _first(self._connected.wait(), self.alone.wait())
+                await _first(self._connected.wait(), era.alone.wait())
                 continue
             logged = asyncio.ensure_future(self._on_thread(call(channel)))
             try:
-                await _first(asyncio.shield(logged), self.alone.wait())
+                await _first(asyncio.shield(logged), era.alone.wait())
                 if not logged.done():
                     logged.cancel()
                     return None
@@ -224,14 +241,19 @@ class Replication:
                     log.warning("logging channel lost (%s); waiting for the agent's verdict", e)
                     self._primary = None
                     self._connected.clear()
-                await self.alone.wait()
+                await era.alone.wait()
         return None
 
+    def _start_connector(self) -> None:
+        self._tasks.append(asyncio.create_task(self._connect(), name="replication-connect"))
+
     async def _connect(self) -> None:
+        """As the primary of a (new) pair: reach the backup's logging channel."""
         cfg = self.cfg
         assert cfg.log_peer is not None and cfg.log_key is not None
         host, port = cfg.log_peer
-        while not self.alone.is_set() and self._primary is None:
+        era = self.era
+        while not era.alone.is_set() and self._primary is None:
             try:
                 self._primary = await self._on_thread(
                     PrimaryChannel.connect(host, port, cfg.log_key, local_host=cfg.log_local)
@@ -277,19 +299,39 @@ class Replication:
 
     # ---- plumbing
 
-    async def _watch_mode(self) -> None:
+    async def _watch_mode(self, mode: Mode) -> None:
+        """Follow the service's mode: SIMPLEX ends the current era (its connections
+        are alone); DUPLEX after an ended era starts a new pair, with the role the
+        data plane now gives this host (a re-integration makes the host that served
+        alone the primary)."""
         assert self._view is not None
         vip, port = self.cfg.listen
-        while not self.alone.is_set():
-            try:
-                mode = self._view.mode(vip, port)
-            except DataPlaneError:
-                mode = Mode.FENCED  # the service was removed: nothing to replicate with
-            if mode is Mode.SIMPLEX:
-                self.counters["takeovers"] += 1
-                self.alone.set()
-                return
+        while True:
             await asyncio.sleep(self.cfg.mode_poll_interval)
+            previous = mode
+            try:
+                service = self._view.service(vip, port)
+            except DataPlaneError:
+                continue  # the service is being reconfigured, or gone: nothing to follow
+            mode = service.mode
+            if mode is Mode.SIMPLEX and not self.era.alone.is_set():
+                self.counters["takeovers"] += 1
+                self.era.alone.set()
+            elif mode is Mode.DUPLEX and previous is not Mode.DUPLEX:
+                self._new_pair(service.role)
+
+    def _new_pair(self, role: Role | None) -> None:
+        if self.era.alone.is_set():
+            self.counters["rejoins"] += 1
+            self.era.superseded.set()
+            self.era = Era()
+        self.role = role or self.role
+        stale, self._primary = self._primary, None
+        self._connected.clear()
+        if stale is not None:
+            self._tasks.append(asyncio.create_task(self._on_thread(stale.close())))
+        if self.role is Role.PRIMARY:
+            self._start_connector()
 
     async def _on_thread(self, coro: Coroutine[Any, Any, Any]) -> Any:
         assert self._thread is not None

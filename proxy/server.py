@@ -36,7 +36,7 @@ from proxy.http import (
 )
 from proxy.logframe import ConnId, digest_payload
 from proxy.mirror import Diverged, RegeneratedMismatch, Resume, mirror
-from proxy.replication import Phase, Replication
+from proxy.replication import Era, Phase, Replication
 from proxy.requestid import request_id
 
 if TYPE_CHECKING:
@@ -45,6 +45,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 _READ_SIZE = 65536
+ARRIVED_WAIT_S = 0.005
+"""How long a finishing connection waits for bytes already on their way in."""
 _RETRYABLE = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE"})
 """Idempotent methods (RFC 9110 9.2.2): sent again when a reused backend
 connection turns out closed before any reply byte (a keep-alive race)."""
@@ -199,23 +201,30 @@ class ClientConnection:
         """The backup's read-ahead ended (EOF or bad input)."""
         self._reply_start = 0
         """self.offset where the reply being relayed began."""
+        rep = self.replication
+        self.era = rep.era if rep is not None else Era()
+        """The pair this connection was accepted in (proxy.replication.Era)."""
+        self.role = rep.role if rep is not None else Role.PRIMARY
 
     @property
     def logging(self) -> bool:
-        """This host is the primary of a replicated connection, and the pair stands."""
-        rep = self.replication
-        return (
-            rep is not None
-            and self.conn is not None
-            and rep.role is Role.PRIMARY
-            and not rep.alone.is_set()
-        )
+        """This host is the primary of a replicated connection, and its pair stands."""
+        return self.conn is not None and self.role is Role.PRIMARY and not self.era.alone.is_set()
+
+    @property
+    def finishing(self) -> bool:
+        """A new pair formed after this connection's pair dissolved: the reply to the
+        last request received carries Connection: close, so the client reconnects
+        into the new pair. An idle connection is not closed meanwhile (a request may
+        be on its way: closing would drop it); it finishes at its next request, or
+        at the idle timeout."""
+        return self.era.superseded.is_set()
 
     async def run(self) -> None:
         try:
             if self.replication is not None:
                 self.conn = self.replication.conn_id(self.writer.get_extra_info("socket"))
-                backup = self.conn is not None and self.replication.role is Role.BACKUP
+                backup = self.conn is not None and self.role is Role.BACKUP
                 if backup and await mirror(self, self.replication):
                     return  # the primary closed the connection
             await self._serve()
@@ -241,10 +250,33 @@ class ClientConnection:
                 return
             while self.parser.complete:
                 request = self.parser.complete.popleft()
-                if not await self._forward(request):
+                last = False
+                if self.finishing and not self.parser.complete and error is None:
+                    await self._take_arrived()
+                    last = not (self.parser.complete or self.parser.in_request)
+                    last = last and self.pending_error is None
+                if not await self._forward(request, last):
                     return
             if error is not None:
                 await self._send_error(self.failing_request_no, error)
+                return
+
+    async def _take_arrived(self) -> None:
+        """Feed the parser what has already arrived (the kernel acknowledged it), without
+        waiting for more: a finishing connection answers exactly that, then closes."""
+        while True:
+            try:
+                async with asyncio.timeout(ARRIVED_WAIT_S):
+                    data = await self.reader.read(_READ_SIZE)
+            except TimeoutError:
+                return
+            if not data:
+                return
+            self.counters.bytes_in += len(data)
+            try:
+                self.parser.feed(data)
+            except RequestError as e:
+                self.pending_error = e.status
                 return
 
     @property
@@ -281,10 +313,11 @@ class ClientConnection:
                 return e.status
         return None
 
-    async def _forward(self, request: Request) -> bool:
-        """Send REQUEST to the backend and relay its reply; False once the connection must close."""
+    async def _forward(self, request: Request, last: bool = False) -> bool:
+        """Send REQUEST to the backend and relay its reply (LAST: with Connection:
+        close); False once the connection must close."""
         self.counters.requests += 1
-        close_after = not request.keep_alive or request.version == "1.0"
+        close_after = last or not request.keep_alive or request.version == "1.0"
         await self._pause(Phase.REQUEST_READ, request.number)
         try:
             framer = await self._fetch(request, close_after, functools.partial(self._emit, request))
@@ -389,7 +422,7 @@ class ClientConnection:
                 await self._log_digest(request.number, data, framer.head_length)
             else:
                 await self.replication.log_reply(
-                    self.conn, request.number, self.offset, data, final
+                    self.conn, request.number, self.offset, data, final, self.era
                 )
             await self._pause(Phase.REPLY_LOGGED, request.number)
             if self.cfg.pause_at == Phase.REPLY_PARTIAL and len(data) > 1:
@@ -411,9 +444,9 @@ class ClientConnection:
         body = reply[head_length:]
         payload = digest_payload(reply[:head_length], hashlib.sha256(body).digest(), len(body))
         rep, conn = self.replication, self.conn
-        if await rep.log_reply(conn, request_no, self.offset, payload, True, digest=True):
+        if await rep.log_reply(conn, request_no, self.offset, payload, True, self.era, True):
             # The backup's own body differed (sync_static): it gets the real one.
-            await rep.log_reply(conn, request_no, self.offset + head_length, body, True)
+            await rep.log_reply(conn, request_no, self.offset + head_length, body, True, self.era)
 
     async def _write(self, data: bytes) -> None:
         if not data:
@@ -427,7 +460,7 @@ class ClientConnection:
     async def _pause(self, phase: Phase, request_no: int) -> None:
         if self.logging and self.cfg.pause_at == phase:
             assert self.replication is not None and self.conn is not None
-            await self.replication.pause(phase, self.conn, request_no)
+            await self.replication.pause(phase, self.conn, request_no, self.era)
 
     async def _backend(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         if self.backend is None:
@@ -471,7 +504,7 @@ class ClientConnection:
         try:
             if self.logging:
                 assert self.replication is not None and self.conn is not None
-                await self.replication.log_close(self.conn, self.offset)
+                await self.replication.log_close(self.conn, self.offset, self.era)
             async with asyncio.timeout(self.cfg.drain_timeout):
                 await writer.drain()
                 if self.mark is not None:

@@ -72,7 +72,8 @@ def wait_replicating(pair: LabPair, count: int) -> None:
     try:
         wait_for(replicated, 10, f"{count} replicated connections")
     except AssertionError as e:
-        raise AssertionError(f"{e}; last seen: {seen}") from None
+        logs = "\n".join(pair.log(h).read_text()[-1500:] for h in HOSTS)
+        raise AssertionError(f"{e}; last seen: {seen}\n{logs}") from None
 
 
 def check_load(runs: list[ToolRun], lab: Lab) -> list[dict[str, Any]]:
@@ -88,9 +89,14 @@ def check_load(runs: list[ToolRun], lab: Lab) -> list[dict[str, Any]]:
 
 
 def apache_errors(lab: Lab, host: str) -> str:
+    """The tails of HOST's Apache error log and proxy logs, for a failure message."""
     log = lab.dir / host / "apache" / "logs" / "error.log"
     lines = [ln for ln in log.read_text().splitlines() if ":notice]" not in ln]
-    return f"{host} Apache errors: " + "\n".join(lines[-10:])
+    proxies = [
+        f"{p.name}: " + "\n".join(p.read_text().splitlines()[-10:])
+        for p in (lab.dir / host / "agent").glob("proxy-*.log")
+    ]
+    return f"{host} Apache errors: " + "\n".join(lines[-10:] + proxies)
 
 
 @pytest.mark.parametrize("mode", CRASH_MODES)

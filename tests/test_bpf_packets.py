@@ -42,6 +42,7 @@ pytestmark = pytest.mark.root
 TC_ACT_OK = 0
 TC_ACT_SHOT = 2
 TC_ACT_STOLEN = 4
+TC_ACT_REDIRECT = 7
 VIP = "203.0.113.10"
 PORT = 80
 CLIENT = "198.51.100.7"
@@ -70,6 +71,12 @@ class Row:
     reason: Reason
     config: Config = field(default_factory=Config)
     output: bytes | None = None  # None: the packet must come out unchanged
+
+
+def readdressed(packet: Packet) -> bytes:
+    """PACKET as the backup sends it on to the primary: to the peer's MAC, from ours."""
+    packet[Ether].src, packet[Ether].dst = HOST_MAC, PEER_MAC
+    return bytes(packet)
 
 
 def to_vip(*, ip: Mapping[str, Any] | None = None, **tcp: Any) -> Packet:
@@ -115,7 +122,7 @@ SIMPLEX = Config(mode=Mode.SIMPLEX)
 BACKUP = Config(role=Role.BACKUP)
 BACKUP_SIMPLEX = Config(mode=Mode.SIMPLEX, role=Role.BACKUP)
 BACKUP_FENCED = Config(mode=Mode.FENCED, role=Role.BACKUP)
-OK, SHOT, STOLEN = TC_ACT_OK, TC_ACT_SHOT, TC_ACT_STOLEN
+OK, SHOT, STOLEN, REDIRECT = TC_ACT_OK, TC_ACT_SHOT, TC_ACT_STOLEN, TC_ACT_REDIRECT
 IN, OUT = "coral_ingress", "coral_egress"
 R = Reason
 
@@ -205,9 +212,14 @@ ADOPT_ROWS = [
     Row("backup fenced: fenced first", REPLY, OUT, SHOT, R.DROP_FENCED, BACKUP_FENCED),
     Row("primary: syn passes", SYN, IN, OK, R.PASS_SERVICE),
     Row("backup simplex: syn passes", SYN, IN, OK, R.PASS_SERVICE, BACKUP_SIMPLEX),
-    Row("backup: ack of unknown connection", bytes(to_vip(flags="A")), IN, OK, R.PASS_SERVICE,
-        BACKUP),
-    Row("backup: rst passes", bytes(to_vip(flags="R")), IN, OK, R.PASS_SERVICE, BACKUP),
+    # No socket here and not in coral_conns: one the primary serves alone (opened
+    # before this host rejoined): its copy goes to the primary, nothing to this stack.
+    Row("backup: ack of unknown connection, forwarded", bytes(to_vip(flags="A")), IN, REDIRECT,
+        R.PASS_FORWARDED, BACKUP, readdressed(to_vip(flags="A"))),
+    Row("backup simplex: ack of unknown connection passes", bytes(to_vip(flags="A")), IN, OK,
+        R.PASS_SERVICE, BACKUP_SIMPLEX),
+    Row("backup: rst of unknown connection, forwarded", bytes(to_vip(flags="R")), IN, REDIRECT,
+        R.PASS_FORWARDED, BACKUP, readdressed(to_vip(flags="R"))),
     Row("backup: syn-ack copy, no held syn", bytes(from_peer(flags="SA")), IN, SHOT,
         R.DROP_SYNACK_COPY, BACKUP),
     Row("backup: from the vip, not from the peer", bytes(from_vip(flags="SA")), IN, SHOT,
@@ -280,7 +292,7 @@ def delta(before: dict[Reason, Counts], after: dict[Reason, Counts]) -> dict[Rea
 
 
 def check(loaded: Loaded, obj: str, row: Row) -> None:
-    assert (row.verdict != TC_ACT_OK) == row.reason.is_drop, "row is consistent"
+    assert (row.verdict == TC_ACT_SHOT) == row.reason.is_drop, "row is consistent"
     fd, maps = loaded.prog(obj, row.prog)
     configure(maps, row.config)
     before = maps.read_counters()

@@ -533,7 +533,10 @@ BACKUP_IN = [
         mode=SIMPLEX, conn=bconn(), hs=handshake(), state=GONE, hs_after=GONE),
     Row("duplex SYN of a connection opened in simplex: voided, passes", B, IN, SYN, OK,
         R.PASS_SERVICE, conn=bconn(mode=SIMPLEX), state=GONE),
-    Row("untracked data: passes", B, IN, request(), OK, R.PASS_SERVICE, state=GONE),
+    # Opened while the primary was alone, before this host rejoined: no socket
+    # here, so it is the primary's; this stack would reset it.
+    Row("untracked data in duplex: redirected to the primary", B, IN, request(), REDIRECT,
+        R.PASS_FORWARDED, remac(request(), HOST_MAC, PEER_MAC), state=GONE),
 ]
 
 MALFORMED = [

@@ -42,6 +42,7 @@ import datetime
 import functools
 import json
 import logging
+import os
 import signal
 import socket
 import subprocess
@@ -70,7 +71,11 @@ MARGIN_S = 0.002
 STARTUP_GRACE_LEASES = 50
 """A peer not heard for this many leases after start is treated as lost."""
 PEER_MAC_TIMEOUT_S = 2.0
+PROXY_START_TIMEOUT_S = 30.0
 STATUS_EVERY_S = 1.0
+PAIR_PROTOCOL = 1
+"""What the two agents of a pair must agree on (heartbeat info, join, roles)."""
+JOIN_TIMEOUT_S = 5.0
 ALONE_LEASE_S = 2.0
 """While alone, the lease (and the witness's grant) runs this long, renewed every
 quarter of it: no peer waits to take over, and a busy machine (or witness)
@@ -95,6 +100,7 @@ class Peer:
     """(the peer's sent_ns, our receive time) of its latest heartbeat, echoed back."""
     rtt_s: float | None = None
     settings: settings.TcpSettings | None = None
+    info: dict[str, Any] | None = None
     paths: dict[str, int] = field(default_factory=dict)
 
 
@@ -127,13 +133,23 @@ class Agent:
         self._claimed: list[str] = []
         self._peer_mac = bytes(6)
         self._forming = False
+        self._admitting = False
         self._renewed_ns = 0
         self._nl = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="netlink")
         self.witness_reachable: bool | None = None
         own = settings.read(None, cfg.host.lan_interface)
-        self._settings_info = json.dumps(
-            {"sysctls": own.sysctls, "mtu": own.mtu}, separators=(",", ":")
-        ).encode()
+        self._info: dict[str, Any] = {
+            "v": PAIR_PROTOCOL,
+            "sysctls": own.sysctls,
+            "mtu": own.mtu,
+            "services": sorted([s.vip, s.port] for s in cfg.services),
+        }
+        self._info_bytes = _compact(self._info)
+        self.roles = {(s.vip, s.port): s.role for s in cfg.services}
+        """This host's role per service now: the configured one until a re-integration
+        makes the host that served alone the primary of every service."""
+        self.last_reintegration: dict[str, Any] | None = None
+        self._joining_since = 0
 
     # ---- life
 
@@ -166,6 +182,7 @@ class Agent:
         self.epoch = max(self.dp.epoch(), 1)  # 0 means "no epoch" in a heartbeat
         for svc in cfg.services:
             _destroy_sockets(svc.vip, svc.port)
+        await self._netlink(self.dp.gc, 0.0)  # entries of those sockets: this host knows nothing
         self.hb = await HeartbeatEndpoint.open(
             self.name, self.key, self._paths(), self._on_beat, expect_sender=cfg.peer.name
         )
@@ -179,6 +196,8 @@ class Agent:
             await self.supervisor.start(
                 f"proxy-{svc.vip}-{svc.port}", self._proxy_argv(svc), self._log_path(svc)
             )
+        for svc in cfg.services:  # no lease (no service) before every proxy listens
+            await _wait_listening(svc.vip, svc.port, PROXY_START_TIMEOUT_S)
         state_dir = Path(cfg.host.state_dir)
         state_dir.mkdir(parents=True, exist_ok=True)
         sock = state_dir / f"{self.name}.sock"
@@ -197,7 +216,7 @@ class Agent:
 
     def _configure(self, svc: ServiceConfig) -> None:
         assert self.dp is not None
-        role = Role.PRIMARY if svc.role == "primary" else Role.BACKUP
+        role = Role.PRIMARY if self.roles[svc.vip, svc.port] == "primary" else Role.BACKUP
         if role is Role.PRIMARY:
             self.dp.hide_vip(svc.vip)
         else:
@@ -294,26 +313,37 @@ class Agent:
         peer.epoch, peer.state, peer.echo = beat.epoch, beat.state, (beat.sent_ns, now)
         if rtt is not None:
             peer.rtt_s = rtt
-        if beat.info:
-            peer.settings = _settings_of(beat.info)
+        info = _info_of(beat.info)
+        if info is not None:
+            peer.info = info
+            peer.settings = _settings_of(info)
         if self.acking:
             peer.lease_bound_ns = now
         state = self.sm.state
-        if state in (State.STARTING, State.DUPLEX, State.LOST) and beat.state in (
-            State.TAKEOVER,
-            State.SIMPLEX,
+        if state is State.STARTING and beat.state == State.SIMPLEX:
+            self._join()
+        elif (
+            state in (State.DUPLEX, State.LOST)
+            and beat.state in (State.TAKEOVER, State.SIMPLEX)
+            and not (info is not None and info.get("join") == "accepted")  # it completes
         ):
             self._fence(f"{peer.name} serves alone (epoch {beat.epoch}): re-integration needed")
             return
-        if (
-            state in (State.STARTING, State.DUPLEX)
-            and beat.peer_epoch == self.epoch
-            and beat.echo_ns
-        ):
+        elif state is State.SIMPLEX and beat.state == State.JOINING:
+            self._admit()
+        elif state is State.JOINING and info is not None:
+            if info.get("join") == "accepted":
+                self._become_backup()
+            elif "refused" in info:
+                self._fence(f"{peer.name} refused the join: {info['refused']}")
+                return
+        acked = beat.peer_epoch != 0 and beat.peer_epoch == self.epoch and beat.echo_ns != 0
+        if acked:
+            peer.last_acked_ns = now
+        if acked and state in (State.STARTING, State.DUPLEX, State.JOINING):
             remaining = self.lease_s - (now - beat.echo_ns) / 1e9
             if remaining > 0 and self.dp is not None:
                 self.dp.renew_lease(self.epoch, remaining)
-                peer.last_acked_ns = now
 
     # ---- the clock
 
@@ -334,7 +364,7 @@ class Agent:
         state = self.sm.state
         if self.hb is not None and state is not State.FAILED:
             acked = self.peer.epoch if self.acking and self.peer.last_rx_ns else 0
-            self.hb.send(self.epoch, acked, state, info=self._settings_info)
+            self.hb.send(self.epoch, acked, state, info=self._info_bytes)
         lease_ns = round(self.lease_s * 1e9)
         if state is State.STARTING:
             if self.peer.last_acked_ns and now - self.peer.last_acked_ns < lease_ns:
@@ -349,6 +379,8 @@ class Agent:
                 )
         elif state is State.SIMPLEX:
             self._renew_alone()
+        elif state is State.JOINING and now - self._joining_since > JOIN_TIMEOUT_S * 1e9:
+            self._fence(f"{self.peer.name} did not accept the join in {JOIN_TIMEOUT_S:.0f} s")
 
     # ---- the pair
 
@@ -421,7 +453,9 @@ class Agent:
         for svc in self.cfg.services:
             self.dp.set_mode(svc.vip, svc.port, Mode.SIMPLEX)
         switched = time.monotonic_ns()
-        self._claimed = [s.vip for s in self.cfg.services if s.role == "primary"]
+        for svc in self.cfg.services:
+            self.dp.pin_simplex(svc.vip, svc.port)
+        self._claimed = [s.vip for s in self.cfg.services if self.roles[s.vip, s.port] == "primary"]
         for vip in self._claimed:
             await self._netlink(self.dp.claim_vip, vip)
         claimed = time.monotonic_ns()
@@ -443,6 +477,129 @@ class Agent:
         self._notify("simplex", f"serving alone after {self.last_failover['total_ms']:.1f} ms")
         if self._claimed:
             await self._announce()
+
+    # ---- re-integration (CoRAL 4.4.5): the host serving alone stays the primary of
+    # every service; the returning host becomes the backup and takes the VIPs.
+
+    def _join(self) -> None:
+        """This host starts while its peer serves alone: ask to join as its backup."""
+        problem = _incompatible(self._info, self.peer.info)
+        if problem:
+            self._fence(f"cannot join {self.peer.name}: {problem}")
+            return
+        self._joining_since = time.monotonic_ns()
+        self.sm.move(State.JOINING, f"{self.peer.name} serves alone (epoch {self.peer.epoch})")
+        self.sm.want(State.DUPLEX)
+
+    def _admit(self) -> None:
+        """The peer asks to join while this host serves alone."""
+        if self._admitting or self._info.get("join") == "accepted":
+            return
+        problem = _incompatible(self._info, self.peer.info)
+        if problem:
+            if self._info.get("refused") != problem:
+                log.warning("%s: refusing %s's join: %s", self.name, self.peer.name, problem)
+                self._set_info(refused=problem)
+            return
+        self._admitting = True
+        self._spawn(self._reintegrate(), "reintegrate")
+
+    async def _reintegrate(self) -> None:
+        """Make this host the primary of every service, let the peer take the VIPs as
+        backup, and go duplex once it has; connections of the simplex era stay ours."""
+        assert self.dp is not None
+        t0 = time.monotonic_ns()
+        try:
+            self._peer_mac = await self._neighbor_mac(PEER_MAC_TIMEOUT_S)
+            for svc in self.cfg.services:
+                await self._netlink(self.dp.hide_vip, svc.vip)
+                if self.roles[svc.vip, svc.port] != "primary":
+                    self.roles[svc.vip, svc.port] = "primary"
+                    await self._netlink(self._configure, svc)  # fences it: simplex again
+                    self.dp.set_mode(svc.vip, svc.port, Mode.SIMPLEX)
+            self._claimed = []
+            self.acking = True
+            self._set_info(join="accepted", refused=None)
+            reconfigured = time.monotonic_ns()
+            async with asyncio.timeout(JOIN_TIMEOUT_S):
+                while self.peer.state != State.DUPLEX:
+                    await asyncio.sleep(self.interval / 4)
+            joined = time.monotonic_ns()
+            assert self.peer.settings is not None
+            for svc in self.cfg.services:  # the settings check reads netlink
+                await self._netlink(
+                    self.dp.set_mode,
+                    svc.vip,
+                    svc.port,
+                    Mode.DUPLEX,
+                    peer_settings=self.peer.settings,
+                )
+            if self.witness is not None:
+                await self.witness.release(self.epoch)
+        except (TimeoutError, DataPlaneError) as e:
+            self._fence(f"re-integration of {self.peer.name} failed: {e or 'timeout'}")
+            return
+        finally:
+            self._admitting = False
+        self.peer.last_acked_ns = time.monotonic_ns()
+        self._set_info(join=None)
+        self.sm.move(State.DUPLEX, f"{self.peer.name} re-integrated as backup")
+        done = time.monotonic_ns()
+        self.last_reintegration = {
+            "at": _utc_now(),
+            "total_ms": (done - t0) / 1e6,
+            "phases_ms": {
+                "reconfigure": (reconfigured - t0) / 1e6,
+                "peer_backup": (joined - reconfigured) / 1e6,
+                "duplex": (done - joined) / 1e6,
+            },
+        }
+        self._notify("duplex", f"{self.peer.name} re-integrated")
+
+    def _become_backup(self) -> None:
+        if not self._admitting:
+            self._admitting = True
+            self._spawn(self._join_as_backup(), "join")
+
+    async def _join_as_backup(self) -> None:
+        """The peer accepted: become the backup of every service, take the VIPs."""
+        assert self.dp is not None and self.peer.settings is not None
+        try:
+            self._peer_mac = await self._neighbor_mac(PEER_MAC_TIMEOUT_S)
+            for svc in self.cfg.services:
+                self.roles[svc.vip, svc.port] = "backup"
+                await self._netlink(self._configure, svc)
+                await self._netlink(
+                    self.dp.set_mode,
+                    svc.vip,
+                    svc.port,
+                    Mode.DUPLEX,
+                    peer_settings=self.peer.settings,
+                )
+            for svc in self.cfg.services:
+                await asyncio.to_thread(
+                    identity.gratuitous_arp,
+                    None,
+                    svc.vip,
+                    self.cfg.host.lan_interface,
+                    self.cfg.identity.arp_count,
+                    self.cfg.identity.arp_spacing_ms / 1000,
+                )
+        except DataPlaneError as e:
+            self._fence(f"joining {self.peer.name} failed: {e}")
+            return
+        finally:
+            self._admitting = False
+        self.sm.move(State.DUPLEX, f"joined {self.peer.name} as backup")
+        self._notify("duplex", f"joined {self.peer.name}")
+
+    def _set_info(self, **changes: Any) -> None:
+        for key, value in changes.items():
+            if value is None:
+                self._info.pop(key, None)
+            else:
+                self._info[key] = value
+        self._info_bytes = _compact(self._info)
 
     async def _announce(self) -> None:
         """Gratuitous ARP for the claimed VIPs until an outside host answers through the
@@ -576,7 +733,8 @@ class Agent:
             mine = [c for c in conns if (c.vip, c.vip_port) == (svc.vip, svc.port)]
             child = self.supervisor.children.get(f"proxy-{svc.vip}-{svc.port}")
             services.append({
-                "vip": svc.vip, "port": svc.port, "role": svc.role, "mode": mode,
+                "vip": svc.vip, "port": svc.port, "role": self.roles[svc.vip, svc.port],
+                "mode": mode,
                 "connections": {
                     "duplex": sum(c.mode is Mode.DUPLEX for c in mine),
                     "simplex": sum(c.mode is Mode.SIMPLEX for c in mine),
@@ -587,6 +745,7 @@ class Agent:
         hb = self.hb
         return {
             "host": self.name,
+            "pid": os.getpid(),
             "peer": peer.name,
             "state": str(self.sm.state),
             "wantstate": str(self.sm.wantstate),
@@ -620,6 +779,7 @@ class Agent:
             "services": services,
             "last_failover": self.last_failover,
             "failovers": self.failovers,
+            "last_reintegration": self.last_reintegration,
             "transitions": [t.as_dict() for t in self.sm.history],
         }
 
@@ -656,12 +816,37 @@ def _utc_now() -> str:
     return datetime.datetime.now(datetime.UTC).isoformat(timespec="milliseconds")
 
 
-def _settings_of(info: bytes) -> settings.TcpSettings | None:
+def _compact(info: dict[str, Any]) -> bytes:
+    return json.dumps(info, separators=(",", ":")).encode()
+
+
+def _info_of(raw: bytes) -> dict[str, Any] | None:
+    """A heartbeat's info (authenticated already); None if absent or not ours."""
     try:
-        data = json.loads(info)
-        return settings.TcpSettings(dict(data["sysctls"]), int(data["mtu"]))
-    except (ValueError, KeyError, TypeError):
+        info = json.loads(raw) if raw else None
+    except ValueError:
         return None
+    return info if isinstance(info, dict) else None
+
+
+def _settings_of(info: dict[str, Any]) -> settings.TcpSettings | None:
+    try:
+        return settings.TcpSettings(dict(info["sysctls"]), int(info["mtu"]))
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def _incompatible(ours: dict[str, Any], theirs: dict[str, Any] | None) -> str | None:
+    """Why two agents cannot form a pair (protocol, services); None if they can.
+    The protocol number changes only when a change breaks the pair: a host can
+    then be upgraded while its peer serves alone, one at a time."""
+    if theirs is None:
+        return "its heartbeats carry no pair information (an older coral?)"
+    if theirs.get("v") != ours["v"]:
+        return f"pair protocol {theirs.get('v')} there, {ours['v']} here"
+    if theirs.get("services") != ours["services"]:
+        return f"services differ: {theirs.get('services')} there, {ours['services']} here"
+    return None
 
 
 async def _run_hook(argv: list[str], payload: bytes) -> None:
@@ -673,6 +858,21 @@ async def _run_hook(argv: list[str], payload: bytes) -> None:
             await proc.communicate(payload)
     except (OSError, TimeoutError) as e:
         log.warning("notify hook %s failed: %s", argv[0], e)
+
+
+async def _wait_listening(vip: str, port: int, timeout: float) -> None:
+    """Until a socket listens on VIP:PORT in this namespace (a proxy just started);
+    RuntimeError after TIMEOUT seconds."""
+    want = f"{socket.inet_aton(vip)[::-1].hex().upper()}:{port:04X}"
+    deadline = time.monotonic() + timeout
+    while True:
+        with open("/proc/self/net/tcp") as table:
+            next(table)
+            if any(ln.split()[1] == want and ln.split()[3] == "0A" for ln in table):
+                return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"nothing listens on {vip}:{port} after {timeout:.0f} s")
+        await asyncio.sleep(0.02)
 
 
 def _destroy_sockets(vip: str, port: int) -> None:

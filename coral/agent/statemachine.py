@@ -11,6 +11,8 @@ time spent in the state left, and keeps the last transitions for status.
     LOST --peer back before anything was decided--> DUPLEX
     LOST --sole grant (witness) or no witness and the router reachable--> TAKEOVER
     TAKEOVER --the peer's lease has certainly expired; switched--> SIMPLEX
+    STARTING --the peer serves alone--> JOINING --accepted, backup of every service--> DUPLEX
+    SIMPLEX --the joining peer became the backup--> DUPLEX
     LOST/TAKEOVER/SIMPLEX/DUPLEX --no right to serve--> FENCED
     any --a local component died--> FAILED
     any --shut down--> STOPPED
@@ -40,6 +42,8 @@ class State(enum.StrEnum):
     """Entitled to serve alone; waiting until the peer's lease has certainly run out."""
     SIMPLEX = "simplex"
     """Serving alone; the lease renewed with the witness."""
+    JOINING = "joining"
+    """Started while the peer serves alone: asking to join it as its backup."""
     FENCED = "fenced"
     """No right to serve: the data plane drops all service traffic."""
     FAILED = "failed"
@@ -49,11 +53,12 @@ class State(enum.StrEnum):
 
 S = State
 TRANSITIONS: dict[State, frozenset[State]] = {
-    S.STARTING: frozenset({S.DUPLEX, S.LOST, S.FENCED}),
+    S.STARTING: frozenset({S.DUPLEX, S.LOST, S.FENCED, S.JOINING}),
+    S.JOINING: frozenset({S.DUPLEX, S.FENCED}),
     S.DUPLEX: frozenset({S.LOST, S.FENCED}),
     S.LOST: frozenset({S.DUPLEX, S.TAKEOVER, S.FENCED}),
     S.TAKEOVER: frozenset({S.SIMPLEX, S.FENCED}),
-    S.SIMPLEX: frozenset({S.FENCED}),
+    S.SIMPLEX: frozenset({S.DUPLEX, S.FENCED}),
     S.FENCED: frozenset(),
     S.FAILED: frozenset(),
     S.STOPPED: frozenset(),

@@ -41,6 +41,7 @@ Ownership and lifetime:
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ipaddress
 import math
@@ -558,6 +559,21 @@ class DataPlane(PlaneView):
                 table.map.update(key, state, UpdateFlag.EXIST)
 
     # ---- connections
+
+    def pin_simplex(self, vip: str, port: int) -> int:
+        """Pin every connection of VIP:PORT to simplex (how many were duplex). Called
+        once a survivor serves alone: these connections lived through the peer's
+        loss, and when a new peer joins they stay this host's alone (its backup
+        forwards their packets here), while new connections are replicated."""
+        key = ServiceKey.of(_ipv4(vip, "VIP"), _port(port))
+        pinned = 0
+        for ckey, state in list(self.maps.conns.items()):
+            if (ckey.vip, ckey.vip_port) == (key.vip, key.port) and state.mode != Mode.SIMPLEX:
+                state.mode = Mode.SIMPLEX
+                with contextlib.suppress(BpfError):  # closed meanwhile
+                    self.maps.conns.put(ckey, state, UpdateFlag.EXIST)
+                    pinned += 1
+        return pinned
 
     def mark_closing(self, client_ip: str, client_port: int, vip: str, vip_port: int) -> None:
         """The application is about to close this connection on purpose:

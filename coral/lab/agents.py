@@ -9,9 +9,12 @@ the control socket <host>.sock; router/witness.log.
 
 from __future__ import annotations
 
+import os
 import secrets
+import signal
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -68,6 +71,31 @@ class LabPair:
             return wait_state(str(self.socket(host)), states, timeout)
         except TimeoutError as e:
             raise LabError(f"{e}; its log ends:\n{_tail(self.log(host))}") from None
+
+    def reintegrate(self, host: str, timeout: float = START_TIMEOUT_S) -> dict[str, Any]:
+        """Bring HOST back after a crash (undo a link or freeze fault, Apache again
+        after a kill), restart its agent, and wait until the pair is duplex again
+        with HOST as the backup; the status of its peer (which kept serving)."""
+        lab = self.lab
+        if host in lab.faults:
+            lab.heal(host)
+        if host not in lab.pids:
+            lab.restart_apache(host)
+        try:
+            pid = self.status(host)["pid"]
+        except OSError:
+            pid = None  # killed with its host: the socket file is stale
+            self.socket(host).unlink(missing_ok=True)
+        if pid is not None:  # a fenced agent: stop it; it removes its socket last
+            os.kill(pid, signal.SIGTERM)
+            deadline = time.monotonic() + timeout
+            while self.socket(host).exists():
+                if time.monotonic() > deadline:
+                    raise LabError(f"{host}'s old agent did not stop: {_tail(self.log(host))}")
+                time.sleep(0.02)
+        self.start_agent(host)
+        self.wait(host, {"duplex"}, timeout)
+        return self.wait(peer_of(host), {"duplex"}, timeout)
 
     def start_agent(self, host: str) -> None:
         argv = [sys.executable, "-m", "coral", "agent", "run", str(self.config(host))]

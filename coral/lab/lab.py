@@ -180,6 +180,12 @@ class Lab:
                     f"{APACHE_START_TIMEOUT:.0f} s; its log says:\n{apache.error_log_tail(conf)}"
                 )
 
+    def restart_apache(self, host: str) -> None:
+        """Start HOST's Apache again (after a kill crash or stop_apache)."""
+        if host in self.pids:
+            raise LabError(f"Apache already runs on {host}")
+        self._start_apache(host)
+
     def stop_apache(self, host: str) -> None:
         """Stop HOST's Apache (its backend fails; the host lives on)."""
         pid = self.pids.pop(host, None)
