@@ -16,7 +16,7 @@ import time
 
 import pytest
 from httpwire import get, read_replies
-from test_agent import check_load, start_load, wait_for, wait_replicating
+from test_agent import check_load, coral, start_load, wait_for, wait_replicating
 from test_agent import pair as pair
 from test_proxy_pair import check
 
@@ -102,3 +102,19 @@ def test_a_joining_host_with_another_protocol_is_refused_clearly(pair: LabPair) 
     expected = "refusing backup's join: pair protocol 0 there, 1 here"
     wait_for(lambda: expected in pair.log("primary").read_text(), 5, "the refusal")
     assert pair.status("primary")["state"] == "simplex"
+
+
+def test_promote_round_trip_under_load(pair: LabPair) -> None:
+    """Planned switch-over: move the service to the backup's host alone (the primary
+    steps down for maintenance), bring the primary back, then move the service
+    back to it: no failed request, no reset."""
+    runs = start_load(pair, seconds=14)
+    wait_replicating(pair, 8)
+    for target, other in (("backup", "primary"), ("primary", "backup")):
+        promote = coral("promote", "--socket", str(pair.socket(target)))
+        assert promote.returncode == 0, promote.stderr
+        pair.wait(target, {"simplex"}, 10)
+        assert "promoted: stepping down" in pair.status(other)["transitions"][-1]["why"]
+        status = pair.reintegrate(other)
+        assert status["host"] == target and status["services"][0]["role"] == "primary"
+    check_load(runs, pair.lab)

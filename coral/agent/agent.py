@@ -73,6 +73,8 @@ STARTUP_GRACE_LEASES = 50
 PEER_MAC_TIMEOUT_S = 2.0
 PROXY_START_TIMEOUT_S = 30.0
 STATUS_EVERY_S = 1.0
+REJOIN_EXIT = 75
+"""The agent's exit status after `coral reintegrate`: restart me (EX_TEMPFAIL)."""
 PAIR_PROTOCOL = 1
 """What the two agents of a pair must agree on (heartbeat info, join, roles)."""
 JOIN_TIMEOUT_S = 5.0
@@ -331,6 +333,9 @@ class Agent:
             return
         elif state is State.SIMPLEX and beat.state == State.JOINING:
             self._admit()
+        elif state is State.DUPLEX and info is not None and info.get("step_down") == self.name:
+            self._fence(f"{peer.name} is promoted: stepping down")
+            return
         elif state is State.JOINING and info is not None:
             if info.get("join") == "accepted":
                 self._become_backup()
@@ -413,6 +418,7 @@ class Agent:
             self._notify("duplex", "pair formed")
 
     def _lose(self, why: str) -> None:
+        self._set_info(step_down=None)
         self.acking = False
         self._lost_at_ns = time.monotonic_ns()
         self.sm.move(State.LOST, why)
@@ -592,6 +598,34 @@ class Agent:
             self._admitting = False
         self.sm.move(State.DUPLEX, f"joined {self.peer.name} as backup")
         self._notify("duplex", f"joined {self.peer.name}")
+
+    # ---- planned switch-over
+
+    def _promote(self) -> dict[str, Any]:
+        """Move every service to this host alone: ask the peer to step down (it fences
+        itself; this host then takes over as after a failure, one lease later). The
+        peer rejoins with `coral reintegrate` once its maintenance is done."""
+        if self.sm.state is not State.DUPLEX:
+            return {
+                "ok": False,
+                "error": f"promote needs a duplex pair; this host is {self.sm.state}",
+            }
+        self._set_info(step_down=self.peer.name)
+        log.info("%s: promote: asking %s to step down", self.name, self.peer.name)
+        return {"ok": True, "state": str(self.sm.state)}
+
+    def _restart_to_rejoin(self) -> dict[str, Any]:
+        """A fenced host rejoins by starting afresh: the agent exits with
+        REJOIN_EXIT; its service manager (systemd: Restart=always) starts it again,
+        and it joins its peer as backup."""
+        if self.sm.state is not State.FENCED:
+            return {
+                "ok": False,
+                "error": f"only a fenced agent rejoins; this one is {self.sm.state}",
+            }
+        self.exit_status = REJOIN_EXIT
+        asyncio.get_running_loop().call_soon(self._stop, "operator: reintegrate")
+        return {"ok": True, "state": "restarting"}
 
     def _set_info(self, **changes: Any) -> None:
         for key, value in changes.items():
@@ -794,6 +828,10 @@ class Agent:
             elif cmd == "fence":
                 self._fence(f"operator: {request.get('why') or 'coral fence'}")
                 reply = {"ok": True, "state": str(self.sm.state)}
+            elif cmd == "promote":
+                reply = self._promote()
+            elif cmd == "reintegrate":
+                reply = self._restart_to_rejoin()
             else:
                 reply = {"ok": False, "error": f"unknown command {cmd!r}"}
         except (ValueError, TimeoutError, AttributeError) as e:

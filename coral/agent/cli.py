@@ -41,6 +41,8 @@ def add_parsers(sub: Any) -> None:
     for name, helptext, func in (
         ("status", "what a running agent knows: roles, modes, peer, lease, failovers", _status),
         ("fence", "make a running agent stop serving now", _fence),
+        ("promote", "move every service to this host alone (the peer steps down)", _promote),
+        ("reintegrate", "a fenced host: restart its agent to rejoin its peer", _reintegrate),
     ):
         q = sub.add_parser(name, help=helptext)
         where = q.add_mutually_exclusive_group(required=True)
@@ -49,7 +51,7 @@ def add_parsers(sub: Any) -> None:
         if name == "status":
             q.add_argument("--json", action="store_true", help="the status snapshot as JSON")
             q.add_argument("--metrics", action="store_true", help="as Prometheus text")
-        else:
+        elif name == "fence":
             q.add_argument("--why", default="", help="recorded in the agent's log")
         q.set_defaults(func=func)
 
@@ -148,6 +150,20 @@ def _fence(args: argparse.Namespace) -> int:
     if reply is None:
         return 1
     print(f"fenced: the agent is now {reply['state']}")
+    return 0
+
+
+def _promote(args: argparse.Namespace) -> int:
+    if _ask(args, {"cmd": "promote"}) is None:
+        return 1
+    print("promote: the peer steps down; this host takes over (see coral status)")
+    return 0
+
+
+def _reintegrate(args: argparse.Namespace) -> int:
+    if _ask(args, {"cmd": "reintegrate"}) is None:
+        return 1
+    print("reintegrate: the agent exits to restart (systemd Restart=always) and rejoin")
     return 0
 
 

@@ -9,9 +9,7 @@ the control socket <host>.sock; router/witness.log.
 
 from __future__ import annotations
 
-import os
 import secrets
-import signal
 import subprocess
 import sys
 import time
@@ -86,8 +84,8 @@ class LabPair:
         except OSError:
             pid = None  # killed with its host: the socket file is stale
             self.socket(host).unlink(missing_ok=True)
-        if pid is not None:  # a fenced agent: stop it; it removes its socket last
-            os.kill(pid, signal.SIGTERM)
+        if pid is not None:  # a fenced agent restarts (coral reintegrate); it removes its socket
+            request(str(self.socket(host)), {"cmd": "reintegrate"})
             deadline = time.monotonic() + timeout
             while self.socket(host).exists():
                 if time.monotonic() > deadline:
