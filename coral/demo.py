@@ -9,8 +9,12 @@ outcome; it always removes its lab, also when interrupted.
    stream server behind the service address on both, clients streaming both
    ways, the primary killed mid-stream: every byte must arrive, in order.
 
-Later stages (the HTTP logging proxy, the agents, re-integration) join as
-the product grows.
+3. The product: node agents and front proxies on primary and backup (a fresh
+   lab, `coral lab up --pair`'s code), clients under verifying load through
+   the service address the whole time: the primary crashes, is re-integrated
+   (it comes back as the backup), the backup crashes, is re-integrated. It
+   prints a timeline and the outcome, and writes a PNG of throughput and
+   latency around each fault.
 """
 
 from __future__ import annotations
@@ -18,11 +22,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
-from coral import netns
-from coral.lab import Lab, LabError
+from coral import netns, timeline
+from coral.lab import Lab, LabError, agents
+from coral.lab.lab import ToolRun
 from coral.lab.pair import HOSTS, Pair
 from coral.lab.topology import (
     APACHE_PORT,
@@ -44,6 +51,13 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--connections", type=int, default=8, help="connections per client")
     p.add_argument("--stream-mb", type=int, default=20, help="MB each stream moves each way")
     p.add_argument("--json", action="store_true", help="print the reports as JSON")
+    p.add_argument(
+        "--plot",
+        type=Path,
+        default=Path("coral-demo.png"),
+        help="where stage 3 writes its PNG (default: coral-demo.png)",
+    )
+    p.add_argument("--product-seconds", type=float, default=14.0, help="stage 3 load (14 s)")
     p.set_defaults(func=run)
 
 
@@ -57,6 +71,7 @@ def run(args: argparse.Namespace) -> int:
     finally:
         lab.down()
         print(f"demo: lab {lab.name} removed")
+    ok = ok and product_stage(args)
     print("demo: outcome: " + ("all stages correct" if ok else "FAILED (see above)"))
     return 0 if ok else 1
 
@@ -166,3 +181,74 @@ def replication_stage(lab: Lab, args: argparse.Namespace) -> bool:
     print(f"demo: backup counters: {counts}")
     print("demo: stage 2: " + ("every byte of every stream arrived" if good else "streams broken"))
     return good
+
+
+def product_stage(args: argparse.Namespace) -> bool:
+    """Stage 3: the product fails over and re-integrates by itself, both ways."""
+    print("demo: stage 3: the product: agents and proxies on primary and backup, duplex")
+    lab = Lab.up(fresh_name("demo"), clients=2)
+    events: list[timeline.Event] = []
+
+    def note(label: str) -> None:
+        events.append(timeline.Event(time.monotonic(), label))
+        print(f"demo: {events[-1].at - events[0].at:7.2f} s  {label}")
+
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            pair = agents.start(lab)
+            records = {c: Path(tmp) / f"{c}.jsonl" for c in ("client1", "client2")}
+            runs = [
+                lab.start_tool(c, "load", f"http://{SERVICE_VIP}", "--connections", "4",
+                               "--duration", str(args.product_seconds), "--mix", DEMO_MIX,
+                               "--records", str(path))
+                for c, path in records.items()
+            ]  # fmt: skip
+            note("load starts: 2 clients x 4 connections, every reply verified")
+            for role, mode in (("primary", "kill"), ("backup", "freeze")):
+                victim = _host_with(pair, role)
+                survivor = "backup" if victim == "primary" else "primary"
+                if not _until_replicated(pair, survivor if role == "backup" else victim, runs):
+                    break  # the load is over
+                note(f"crash: {mode} the {role} ({victim} host)")
+                lab.crash(victim, mode)
+                status = pair.wait(survivor, {"simplex"}, 10)
+                fo = status["last_failover"]
+                note(f"{survivor} serves alone ({fo['total_ms']:.0f} ms after the last heartbeat)")
+                status = pair.reintegrate(victim)
+                ri = status["last_reintegration"]
+                note(f"{victim} re-integrated as backup ({ri['total_ms']:.0f} ms)")
+            reports = {r.host: r.result(timeout=args.product_seconds + 60) for r in runs}
+            note("load ends")
+            data = [
+                s for r in runs
+                for s in timeline.samples(records[r.host], reports[r.host]["started_monotonic"])
+            ]  # fmt: skip
+        timeline.plot(data, events, args.plot, "Coral: verified load through two crashes")
+    finally:
+        lab.down()
+    bad = sum(
+        r["counts"]["failed"] + r["counts"]["corrupted"] + r["resets"] for r in reports.values()
+    )
+    ok = sum(r["counts"]["ok"] for r in reports.values())
+    gap = max(r["longest_gap_ms"] for r in reports.values())
+    print(f"demo: stage 3: {ok} replies verified, {bad} failed or corrupted or reset; "
+          f"longest client-visible gap {gap:.0f} ms; plot in {args.plot}")  # fmt: skip
+    return bad == 0
+
+
+def _host_with(pair: agents.LabPair, role: str) -> str:
+    """The lab host that has ROLE for the service now (a re-integration swaps them)."""
+    return next(h for h in HOSTS if pair.status(h)["services"][0]["role"] == role)
+
+
+def _until_replicated(pair: agents.LabPair, primary: str, runs: list[ToolRun]) -> bool:
+    """Until the clients' connections are replicated on PRIMARY (bounded); False if
+    the load ended first."""
+    deadline = time.monotonic() + 15
+    while pair.status(primary)["services"][0]["connections"]["duplex"] < 4:
+        if all(r.proc.poll() is not None for r in runs):
+            return False
+        if time.monotonic() > deadline:
+            raise LabError("the clients' connections were not replicated within 15 s")
+        time.sleep(0.05)
+    return True

@@ -132,6 +132,9 @@ class LoadReport:
     resets: int
     """Connections that ended in a RST from the peer (ECONNRESET or EPIPE)."""
     duration: float
+    started: float = 0.0
+    """time.monotonic() when the run began: record times are relative to it (the
+    clock is the host's, so another process can align its own events)."""
 
     def counts(self) -> dict[str, int]:
         counts = dict.fromkeys((OK, FAILED, CORRUPTED), 0)
@@ -174,6 +177,7 @@ class LoadReport:
             "longest_gap_start_s": None if gap_start is None else round(gap_start, 6),
             "throughput_rps": round(len(ok) / self.duration, 1) if self.duration > 0 else 0.0,
             "duration_s": round(self.duration, 3),
+            "started_monotonic": round(self.started, 6),
             "problems": problems,
         }
 
@@ -489,7 +493,7 @@ async def run_load(cfg: LoadConfig) -> LoadReport:
     async with asyncio.TaskGroup() as tasks:
         for conn in range(cfg.connections):
             tasks.create_task(run.worker(conn))
-    return LoadReport(run.records, run.connection_errors, run.resets, run.now())
+    return LoadReport(run.records, run.connection_errors, run.resets, run.now(), run.t0)
 
 
 def run(cfg: LoadConfig) -> LoadReport:

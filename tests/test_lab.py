@@ -225,9 +225,23 @@ def test_verifying_client_from_a_client_host_through_the_router(lab: Lab) -> Non
         assert report["resets"] == 0 and report["connection_errors"] == 0
 
 
-def test_demo_command_runs_end_to_end() -> None:
+def test_demo_command_runs_end_to_end(tmp_path: Path) -> None:
+    plot = tmp_path / "demo.png"
     out = subprocess.run(
-        [*CORAL, "demo", "--duration", "2", "--connections", "2", "--stream-mb", "5"],
+        [
+            *CORAL,
+            "demo",
+            "--duration",
+            "2",
+            "--connections",
+            "2",
+            "--stream-mb",
+            "5",
+            "--product-seconds",
+            "8",
+            "--plot",
+            str(plot),
+        ],
         capture_output=True,
         text=True,
         timeout=300,
@@ -235,6 +249,8 @@ def test_demo_command_runs_end_to_end() -> None:
     assert not netns.list_namespaces("coral-demo"), "the demo removes its lab"
     assert "every reply verified correct" in out.stdout, out.stdout + out.stderr
     assert "demo: stage 2:" in out.stdout, out.stdout + out.stderr
+    assert "demo: stage 3:" in out.stdout and "0 failed or corrupted" in out.stdout, out.stdout
     assert "every byte of every stream arrived" in out.stdout, out.stdout + out.stderr
     assert out.returncode == 0, out.stdout + out.stderr
     assert "outcome: all stages correct" in out.stdout
+    assert plot.read_bytes().startswith(b"\x89PNG"), "stage 3 writes its plot"
