@@ -451,6 +451,8 @@ class ClientConnection:
     async def _write(self, data: bytes) -> None:
         if not data:
             return
+        if self.writer.transport.is_closing():  # uvloop raises on a closed transport
+            raise ConnectionResetError("the client's connection is gone")
         self.writer.write(data)
         self.offset += len(data)
         self.counters.bytes_out += len(data)

@@ -27,13 +27,9 @@ writes JSON (and a PNG when matplotlib is installed) under bench/results/.
 from __future__ import annotations
 
 import argparse
-import datetime
 import itertools
 import json
 import os
-import platform
-import signal
-import statistics
 import subprocess
 import sys
 import time
@@ -41,23 +37,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
-import psutil
-
 from coral import bpf, reqrep
-from coral.lab import Lab
+from coral.lab import Lab, bench
+from coral.lab.bench import BenchError, fmt, median
 from coral.lab.pair import Pair
-from coral.lab.topology import (
-    LAN_IF,
-    ROUTER_LAN_IP,
-    SERVER_LAN_IPS,
-    SERVICE_PORT,
-    SERVICE_VIP,
-    fresh_name,
-)
-from coral.netns import call_in_netns, ns_path
+from coral.lab.topology import SERVER_LAN_IPS, SERVICE_PORT, SERVICE_VIP, fresh_name
+from coral.netns import call_in_netns
 
 CLIENT = "client1"
 CLIENT_CPU, SERVER_CPU = 0, 1
@@ -71,27 +58,9 @@ TARGETS = (
     ("p99_ms_", 1.5, True),
     ("bulk_", 0.6, False),
 )
-NOTABLE_TCP = (
-    "TcpRetransSegs",
-    "TcpExtTCPTimeouts",
-    "TcpExtPAWSEstab",
-    "TcpExtBeyondWindow",
-    "TcpExtOfoPruned",
-    "TcpExtTCPRcvQDrop",
-    "TcpExtTCPBacklogDrop",
-    "TcpInCsumErrors",
-)
-"""Kernel TCP counters printed per phase: retransmissions, timeouts and drops."""
 SERVER_START_TIMEOUT = 10.0
-MAX_TRIES = 3
 BULK_TIMEOUT = 20
 """Seconds a stream may stall: a stall is a finding, not a reason to wait a minute."""
-MS_PER_JIFFY = 1000 / os.sysconf("SC_CLK_TCK")
-NCPU = os.cpu_count() or 1
-
-
-class BenchError(Exception):
-    """The benchmark could not measure; the message says what went wrong."""
 
 
 @dataclass(frozen=True)
@@ -134,78 +103,14 @@ def start_servers(lab: Lab, phase: Phase, program: str) -> dict[str, subprocess.
                 stderr=subprocess.PIPE,
             )
         for host, proc in procs.items():
-            wait_listening(lab, host, proc)
+            bench.wait_listening(lab, host, proc, SERVICE_PORT, SERVER_START_TIMEOUT)
     except BaseException:
-        stop_servers(procs)
+        bench.stop(procs)
         raise
     return procs
 
 
-def wait_listening(lab: Lab, host: str, proc: subprocess.Popen[bytes]) -> None:
-    """Poll the host's listening sockets: a probe connection would itself go through
-    the data plane and end up in the figures."""
-    deadline = time.monotonic() + SERVER_START_TIMEOUT
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            err = proc.stderr.read().decode() if proc.stderr else ""
-            raise BenchError(f"server on {host} exited {proc.returncode}: {err}")
-        ss = lab.run(host, ["ss", "-Hltn", f"sport = :{SERVICE_PORT}"])
-        if ss.stdout.strip():
-            return
-        time.sleep(0.05)
-    raise BenchError(f"server on {host} not listening after {SERVER_START_TIMEOUT} s")
-
-
-def stop_servers(procs: dict[str, subprocess.Popen[bytes]]) -> None:
-    for proc in procs.values():
-        proc.kill()
-        proc.wait()
-
-
 # ---- measurements --------------------------------------------------------------
-
-
-def cpu_jiffies() -> tuple[int, int]:
-    """Busy and stolen time of the whole machine (every host, client and softirq
-    share it). Steal is the hypervisor running someone else: noise, not work."""
-    with open("/proc/stat") as f:
-        fields = [int(x) for x in f.readline().split()[1:]]
-    user, nice, system, _idle, _iowait, irq, softirq, steal = fields[:8]
-    return user + nice + system + irq + softirq, steal
-
-
-def noise_sample(lab_netns: set[int]) -> tuple[int, dict[int, float]]:
-    """Stolen jiffies, and the CPU seconds of every process outside this lab
-    except this one and kernel threads: other work on the machine, such as
-    someone's test run."""
-    me = os.getpid()
-    cpu: dict[int, float] = {}
-    for proc in psutil.process_iter():
-        try:
-            if proc.pid in (me, 2) or proc.ppid() == 2:
-                continue
-            if os.stat(f"/proc/{proc.pid}/ns/net").st_ino in lab_netns:
-                continue
-            t = proc.cpu_times()
-            cpu[proc.pid] = t.user + t.system
-        except (psutil.Error, OSError):
-            continue  # gone meanwhile
-    return cpu_jiffies()[1], cpu
-
-
-def noise_pct(
-    before: tuple[int, dict[int, float]], after: tuple[int, dict[int, float]], wall_s: float
-) -> float:
-    """Steal plus foreign CPU between two samples, in % of the machine's capacity
-    (processes that ended in between are missed)."""
-    steal_s = (after[0] - before[0]) * MS_PER_JIFFY / 1000
-    foreign_s = sum(t - before[1].get(pid, 0.0) for pid, t in after[1].items())
-    return (steal_s + foreign_s) / (wall_s * NCPU) * 100
-
-
-def process_cpu_s(proc: subprocess.Popen[bytes]) -> float:
-    t = psutil.Process(proc.pid).cpu_times()
-    return float(t.user + t.system)
 
 
 def reqrep_once(
@@ -225,8 +130,8 @@ def reqrep_once(
         phase.address, SERVICE_PORT, connections=connections, size=size, duration=seconds
     )
     ns = lab.namespace(CLIENT)
-    cpu0 = {h: process_cpu_s(p) for h, p in procs.items()}
-    busy0, _ = cpu_jiffies()
+    cpu0 = {h: bench.process_cpu_s(p) for h, p in procs.items()}
+    busy0, _ = bench.cpu_jiffies()
 
     def client() -> reqrep.ReqRepReport:
         if phase.pin:
@@ -234,7 +139,7 @@ def reqrep_once(
         return reqrep.run(cfg)
 
     report = call_in_netns(ns, client)
-    busy1, _ = cpu_jiffies()
+    busy1, _ = bench.cpu_jiffies()
     out = report.to_json()
     per_1k = 1000 / max(1, out["counts"]["ok"])
     return {
@@ -243,10 +148,10 @@ def reqrep_once(
         "p50_ms": out["latency_ms"]["p50"] if out["latency_ms"] else None,
         "p99_ms": out["latency_ms"]["p99"] if out["latency_ms"] else None,
         "rps": out["throughput_rps"],
-        "cpu_ms_per_1k": (busy1 - busy0) * MS_PER_JIFFY * per_1k,
+        "cpu_ms_per_1k": bench.busy_ms(busy0, busy1) * per_1k,
         "client_cpu_ms_per_1k": out["client_cpu_ms"] * per_1k,
         **{
-            f"{h}_cpu_ms_per_1k": (process_cpu_s(p) - cpu0[h]) * 1000 * per_1k
+            f"{h}_cpu_ms_per_1k": (bench.process_cpu_s(p) - cpu0[h]) * 1000 * per_1k
             for h, p in procs.items()
         },
     }
@@ -270,29 +175,6 @@ def bulk_once(lab: Lab, phase: Phase, streams: int, up: int, down: int) -> dict[
     }
 
 
-def kernel_tcp(lab: Lab, host: str) -> dict[str, int]:
-    """HOST's kernel TCP counters (/proc/net/snmp and netstat are per namespace):
-    the data plane's misdeeds show up there, as PAWS or out-of-window drops."""
-    lines = lab.run(host, ["cat", "/proc/net/snmp", "/proc/net/netstat"]).stdout.splitlines()
-    out = {}
-    for head, values in zip(lines[::2], lines[1::2], strict=True):
-        proto, *names = head.split()
-        if proto in ("Tcp:", "TcpExt:"):
-            out.update(
-                {proto[:-1] + n: int(v) for n, v in zip(names, values.split()[1:], strict=True)}
-            )
-    return out
-
-
-def fmt(v: float | None) -> str:
-    return "-" if v is None else f"{v:.3f}" if v < 10 else f"{v:.0f}"
-
-
-def median(runs: list[dict[str, Any]], key: str) -> float | None:
-    values = [r[key] for r in runs if r.get(key) is not None]
-    return statistics.median(values) if values else None
-
-
 def measure_phase(lab: Lab, phase: Phase, args: argparse.Namespace) -> dict[str, Any]:
     """Every metric of PHASE (medians of ARGS.repeats runs), the raw runs, and the
     data plane's counters per measurement.
@@ -302,21 +184,20 @@ def measure_phase(lab: Lab, phase: Phase, args: argparse.Namespace) -> dict[str,
     print(f"== {phase.name}: servers on {', '.join(phase.hosts)} at {phase.address}", flush=True)
     raw: dict[str, list[dict[str, Any]]] = {}
     counts: dict[str, dict[str, dict[str, int]]] = {}
-
-    lab_netns = {os.stat(ns_path(lab.namespace(h))).st_ino for h in lab.topo.host_names}
+    lab_inodes = bench.lab_netns(lab)
 
     def measured(group: str, fn: Callable[[], dict[str, Any]]) -> None:
         """FN's figures, with the data plane's counters and the noise during it;
-        a noisy run is done again (up to MAX_TRIES)."""
-        for _ in range(MAX_TRIES):
-            before, noise0, t0 = counters(phase.pair), noise_sample(lab_netns), time.monotonic()
+        a noisy run is done again (up to bench.MAX_TRIES)."""
+
+        def with_counters() -> dict[str, Any]:
+            before = bench.plane_counters(phase.pair)
             result = fn()
-            result["noise_pct"] = noise_pct(noise0, noise_sample(lab_netns), time.monotonic() - t0)
-            after = counters(phase.pair)
-            result["counters"] = {h: delta(after[h], before.get(h, {})) for h in after}
-            if result["noise_pct"] <= args.max_noise:
-                break
-            print(f"   ({group}: {result['noise_pct']:.0f}% noise, measured again)", flush=True)
+            after = bench.plane_counters(phase.pair)
+            result["counters"] = {h: bench.delta(after[h], before.get(h, {})) for h in after}
+            return result
+
+        result = bench.quiet(with_counters, lab_inodes, args.max_noise, group)
         raw.setdefault(group, []).append(result)
         total = counts.setdefault(group, {})
         for host, c in result["counters"].items():
@@ -324,7 +205,7 @@ def measure_phase(lab: Lab, phase: Phase, args: argparse.Namespace) -> dict[str,
                 total.setdefault(host, {})[reason] = total.get(host, {}).get(reason, 0) + n
 
     tcp_hosts = (CLIENT, "primary", "backup")
-    tcp0 = {h: kernel_tcp(lab, h) for h in tcp_hosts}
+    tcp0 = {h: bench.kernel_tcp(lab, h) for h in tcp_hosts}
     configs = list(itertools.product(args.connections, SIZES))
     procs = start_servers(lab, phase, "reqrep")
     try:
@@ -336,7 +217,7 @@ def measure_phase(lab: Lab, phase: Phase, args: argparse.Namespace) -> dict[str,
                 partial(reqrep_once, lab, phase, procs, size, conns, args.seconds),
             )
     finally:
-        stop_servers(procs)
+        bench.stop(procs)
     procs = start_servers(lab, phase, "stream")
     try:
         size = args.bulk_mib * MIB
@@ -347,9 +228,9 @@ def measure_phase(lab: Lab, phase: Phase, args: argparse.Namespace) -> dict[str,
                 partial(bulk_once, lab, phase, args.streams, up, down),
             )
     finally:
-        stop_servers(procs)
+        bench.stop(procs)
 
-    tcp = {h: delta(kernel_tcp(lab, h), tcp0[h]) for h in tcp_hosts}
+    tcp = {h: bench.delta(bench.kernel_tcp(lab, h), tcp0[h]) for h in tcp_hosts}
     metrics: dict[str, float | None] = {}
     problems: list[str] = []
     for conns, size in configs:
@@ -369,41 +250,18 @@ def measure_phase(lab: Lab, phase: Phase, args: argparse.Namespace) -> dict[str,
         print(f"   bulk {direction}: {fmt(metrics[f'bulk_{direction}_mibps'])} MiB/s", flush=True)
     for group, per_host in counts.items():
         for host, c in per_host.items():
-            drops = {k.removeprefix("DROP_"): n for k, n in c.items() if k.startswith("DROP_")}
-            if drops:
-                print(f"   {group} {host} drops: {drops}", flush=True)
+            if d := bench.drops(c):
+                print(f"   {group} {host} drops: {d}", flush=True)
     for host, c in tcp.items():
-        notable = {k: c[k] for k in NOTABLE_TCP if c.get(k)}
-        print(f"   {host} kernel TCP: {notable or 'nothing notable'}", flush=True)
-    noisy = [
-        f"{group}: {r['noise_pct']:.0f}% noise"
-        for group, runs in raw.items()
-        for r in runs
-        if r["noise_pct"] > args.max_noise
-    ]
+        print(f"   {host} kernel TCP: {bench.notable_tcp(c) or 'nothing notable'}", flush=True)
     return {
         "metrics": metrics,
         "raw": raw,
         "counters": counts,
         "kernel_tcp": tcp,
         "problems": problems,
-        "noisy": noisy,
+        "noisy": bench.noisy_runs(raw, args.max_noise),
     }
-
-
-def counters(pair: Pair | None) -> dict[str, dict[str, int]]:
-    """Packets per verdict and reason, per host (nothing without a data plane)."""
-    if pair is None:
-        return {}
-    return {
-        h: {name: c.packets for name, c in plane.counters().items()}
-        for h, plane in pair.planes.items()
-    }
-
-
-def delta(after: dict[str, int], before: dict[str, int]) -> dict[str, int]:
-    """The counters that changed, by how much."""
-    return {k: v - before.get(k, 0) for k, v in after.items() if v != before.get(k, 0)}
 
 
 # ---- the run -----------------------------------------------------------------
@@ -417,11 +275,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     try:
         # The quickack route Pair.up sets, already for direct: the phases then
         # differ by the data plane alone.
-        lab.run(
-            "primary",
-            ["ip", "route", "replace", "default", "via", ROUTER_LAN_IP, "dev", LAN_IF,
-             "quickack", "1"],
-        )  # fmt: skip
+        bench.quickack(lab, "primary")
         direct = Phase("direct", SERVER_LAN_IPS["primary"], ("primary",), None, args.pin)
         phases["direct"] = measure_phase(lab, direct, args)
         pair = Pair.up(lab)
@@ -441,13 +295,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def ratios(phases: dict[str, Any]) -> dict[str, dict[str, float | None]]:
     base = phases["direct"]["metrics"]
-    out: dict[str, dict[str, float | None]] = {}
-    for name in ("duplex", "simplex"):
-        m = phases[name]["metrics"]
-        out[name] = {
-            k: (m[k] / base[k] if m.get(k) is not None and base.get(k) else None) for k in m
-        }
-    return out
+    return {
+        name: {k: bench.ratio(v, base.get(k)) for k, v in phases[name]["metrics"].items()}
+        for name in ("duplex", "simplex")
+    }
 
 
 def target_of(metric: str) -> tuple[float, bool] | None:
@@ -470,14 +321,10 @@ def verdicts(rat: dict[str, dict[str, float | None]]) -> dict[str, bool | None]:
 
 def print_table(phases: dict[str, Any], rat: dict[str, Any], ok: dict[str, bool | None]) -> None:
     cols = ("direct", "duplex", "simplex")
-
-    header = f"{'metric':30} " + " ".join(f"{c:>8}" for c in cols)
-    header += f" {'dup/dir':>8} {'smp/dir':>8}  target (duplex/direct)"
-    print()
-    print(header)
-    print("-" * len(header))
+    header = ["metric", *cols, "dup/dir", "smp/dir", " target (duplex/direct)"]
+    rows = []
     for k in phases["direct"]["metrics"]:
-        row = [fmt(phases[p]["metrics"].get(k)) for p in cols]
+        row = [k, *(fmt(phases[p]["metrics"].get(k)) for p in cols)]
         row += [fmt(rat[p].get(k)) for p in ("duplex", "simplex")]
         target = target_of(k)
         verdict = ""
@@ -485,34 +332,17 @@ def print_table(phases: dict[str, Any], rat: dict[str, Any], ok: dict[str, bool 
             bound, at_most = target
             met = {True: "met", False: "MISSED", None: "-"}[ok[k]]
             verdict = f"{'<=' if at_most else '>='} {bound}: {met}"
-        print(f"{k:30} " + " ".join(f"{c:>8}" for c in row) + f"  {verdict}")
+        rows.append([*row, f" {verdict}"])
+    bench.print_table(header, rows, align="lrrrrrl")
 
 
-def save(result: dict[str, Any]) -> Path:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    stem = RESULTS / f"dataplane-{result['started'].replace(':', '').replace('-', '')}"
-    path = stem.with_suffix(".json")
-    path.write_text(json.dumps(result, indent=1))
-    try:
-        import matplotlib
-    except ImportError:
-        return path
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def plot(plt: Any, result: dict[str, Any]) -> None:
     keys = list(result["targets"])
-    fig, axes = plt.subplots(1, len(keys), figsize=(3 * len(keys), 3))
+    cols = ["direct", "duplex", "simplex"]
+    _, axes = plt.subplots(1, len(keys), figsize=(3 * len(keys), 3))
     for ax, k in zip(axes, keys, strict=True):
-        vals = [result["phases"][p]["metrics"].get(k) or 0 for p in ("direct", "duplex", "simplex")]
-        ax.bar(["direct", "duplex", "simplex"], vals)
+        ax.bar(cols, [result["phases"][p]["metrics"].get(k) or 0 for p in cols])
         ax.set_title(k, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(stem.with_suffix(".png"))
-    return path
-
-
-def _interrupt(signum: int, _frame: FrameType | None) -> None:
-    raise SystemExit(128 + signum)  # unwinds through the finally blocks: the lab goes
 
 
 def main() -> int:
@@ -542,11 +372,9 @@ def main() -> int:
     )
     p.add_argument("--save", action="store_true", help="write JSON (and PNG) to bench/results/")
     args = p.parse_args()
-    if os.geteuid() != 0:
-        print("bench_dataplane: needs root (namespaces, tc, bpffs)", file=sys.stderr)
+    if bench.needs_root("bench_dataplane", "namespaces, tc, bpffs"):
         return 2
-    signal.signal(signal.SIGTERM, _interrupt)
-    started = datetime.datetime.now().isoformat(timespec="seconds")
+    started = bench.now()
     t0 = time.monotonic()
     phases = run(args)
     rat = ratios(phases)
@@ -557,28 +385,22 @@ def main() -> int:
         print(f"PROBLEM {line}")
     for name, ph in phases.items():
         for line in ph["noisy"]:
-            print(f"NOISY {name} {line}, kept after {MAX_TRIES} tries")
+            print(f"NOISY {name} {line}, kept after {bench.MAX_TRIES} tries")
     elapsed = time.monotonic() - t0
-    print(
-        f"\n{elapsed:.0f} s; {platform.node()}, {os.cpu_count()} CPUs, kernel {platform.release()}"
-    )
+    print(f"\n{bench.footer(elapsed)}")
     if args.save:
         result = {
             "started": started,
             "seconds": elapsed,
-            "machine": {"cpus": os.cpu_count(), "kernel": platform.release()},
+            "machine": bench.machine(),
             "args": vars(args),
             "phases": phases,
             "ratios": rat,
             "targets": ok,
         }
-        print(f"saved {save(result)}")
+        print(f"saved {bench.save(result, RESULTS, 'dataplane', plot)}")
     return 1 if problems else 0
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except KeyboardInterrupt:
-        print("bench_dataplane: interrupted; the lab is removed", file=sys.stderr)
-        sys.exit(130)
+    bench.run_script("bench_dataplane", main)

@@ -188,11 +188,15 @@ class Pair:
         self.planes[host].fence()
         self.take_over(peer_of(host))
 
-    def close(self) -> None:
+    def stop_services(self) -> None:
+        """Stop every service program started (the data plane stays as it is)."""
         for _, proc in self.procs:
             proc.kill()
             proc.wait()
+        self.procs.clear()
+
+    def close(self) -> None:
+        self.stop_services()
         for plane in self.planes.values():
             plane.close()
-        self.procs.clear()
         self.planes.clear()
