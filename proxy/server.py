@@ -407,6 +407,11 @@ class ClientConnection:
             data = self.resume.past_prefix(data, final, framer)
             if self.resume.done:
                 self.resume = None
+        if self._held and not self.logging:
+            # The pair dissolved while this reply was being held for the log: what
+            # is held goes first, never skipped.
+            data = bytes(self._held) + data
+            self._held.clear()
         if self.logging:
             assert self.replication is not None and self.conn is not None
             self._held += data
