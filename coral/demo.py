@@ -195,7 +195,8 @@ def product_stage(args: argparse.Namespace) -> bool:
 
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            pair = agents.start(lab)
+            # Heartbeats every 50 ms, 4 missed = lost: robust on a shared machine.
+            pair = agents.start(lab, interval_ms=50, misses=4)
             records = {c: Path(tmp) / f"{c}.jsonl" for c in ("client1", "client2")}
             runs = [
                 lab.start_tool(c, "load", f"http://{SERVICE_VIP}", "--connections", "4",

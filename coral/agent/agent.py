@@ -73,6 +73,9 @@ STARTUP_GRACE_LEASES = 50
 PEER_MAC_TIMEOUT_S = 2.0
 PROXY_START_TIMEOUT_S = 30.0
 STATUS_EVERY_S = 1.0
+GC_EVERY_S = 10.0
+GC_IDLE_S = 30.0
+"""Connection entries without a socket and idle this long are forgotten."""
 REJOIN_EXIT = 75
 """The agent's exit status after `coral reintegrate`: restart me (EX_TEMPFAIL)."""
 PAIR_PROTOCOL = 1
@@ -689,9 +692,11 @@ class Agent:
             grant = await self.witness.request(self.epoch, ALONE_LEASE_S)
             self.witness_reachable = True
             self.witness_state = {"holder": grant.holder, "epoch": grant.epoch}
-            if not grant.granted:
+            if self.sm.state is not State.SIMPLEX:
+                pass  # a re-integration released the grant meanwhile: nothing to renew
+            elif not grant.granted:
                 self._fence(f"the witness now grants epoch {grant.epoch} to {grant.holder}")
-            elif self.sm.state is State.SIMPLEX:
+            else:
                 self.dp.renew_lease(self.epoch, ALONE_LEASE_S - (time.monotonic_ns() - asked) / 1e9)
                 self._renewed_ns = asked
         except WitnessUnreachable:
@@ -740,9 +745,12 @@ class Agent:
         self._spawn(_run_hook(list(command), payload), f"notify-{event}")
 
     async def _status_loop(self) -> None:
-        refused = 0
+        refused, swept = 0, time.monotonic()
         while True:
             self.metrics.update(self.status())
+            if self.dp is not None and time.monotonic() - swept > GC_EVERY_S:
+                swept = time.monotonic()  # entries of connections whose sockets are gone
+                await self._netlink(self.dp.gc, GC_IDLE_S)
             if self.hb is not None:
                 now = self.hb.counters["forged"]
                 if now > refused:

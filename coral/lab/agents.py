@@ -85,7 +85,10 @@ class LabPair:
             pid = None  # killed with its host: the socket file is stale
             self.socket(host).unlink(missing_ok=True)
         if pid is not None:  # a fenced agent restarts (coral reintegrate); it removes its socket
-            request(str(self.socket(host)), {"cmd": "reintegrate"})
+            self.wait(host, {"fenced"}, timeout)  # it may still be finding out
+            reply = request(str(self.socket(host)), {"cmd": "reintegrate"})
+            if not reply.get("ok"):
+                raise LabError(f"{host}'s agent refused to reintegrate: {reply.get('error')}")
             deadline = time.monotonic() + timeout
             while self.socket(host).exists():
                 if time.monotonic() > deadline:
