@@ -44,7 +44,8 @@ static __always_inline enum coral_reason coral_backup_syn(struct __sk_buff *skb,
  * this stack has a socket for it (a connection it serves alone: the table
  * was full at its SYN), it is one the primary serves alone, opened before
  * this host rejoined the pair and took the VIP: forward it to the primary.
- * Otherwise (simplex, a SYN, a socket here) this stack handles it. The
+ * Otherwise (simplex, a SYN, a socket or a handshake here) this stack
+ * handles it. The
  * frame is readdressed to the peer; coral_ingress sends it back out. */
 static __always_inline enum coral_reason coral_backup_unknown(struct __sk_buff *skb,
 							      const struct coral_pkt *pkt,
@@ -61,7 +62,9 @@ static __always_inline enum coral_reason coral_backup_unknown(struct __sk_buff *
 	tuple.ipv4.daddr = pkt->ip->daddr;
 	tuple.ipv4.sport = pkt->tcp->source;
 	tuple.ipv4.dport = pkt->tcp->dest;
-	sk = bpf_sk_lookup_tcp(skb, &tuple, sizeof(tuple.ipv4), BPF_F_CURRENT_NETNS, 0);
+	/* skc: a handshake under way here (a request socket) or a TIME_WAIT
+	 * counts as this stack's too, not only full sockets. */
+	sk = bpf_skc_lookup_tcp(skb, &tuple, sizeof(tuple.ipv4), BPF_F_CURRENT_NETNS, 0);
 	if (sk) {
 		here = sk->state != BPF_TCP_LISTEN;
 		bpf_sk_release(sk);

@@ -217,7 +217,7 @@ def test_configuration_errors_are_clear(pair: LabPair, change: str, message: str
     bad = pair.agent_dir("primary") / "bad.toml"
     text = pair.config("primary").read_text()
     broken = {
-        "misses = 3": text.replace("misses = 3", "misses = 1"),
+        "misses = 3": text.replace(f"misses = {MISSES}", "misses = 1"),
         'role = "primary"': text.replace('role = "primary"', 'role = "leader"'),
     }[change]
     bad.write_text(broken)

@@ -98,6 +98,14 @@ class LabPair:
         self.wait(host, {"duplex"}, timeout)
         return self.wait(peer_of(host), {"duplex"}, timeout)
 
+    def wait_socket(self, host: str, timeout: float) -> None:
+        """Until HOST's agent has started (its control socket exists)."""
+        deadline = time.monotonic() + timeout
+        while not self.socket(host).exists():
+            if time.monotonic() > deadline:
+                raise LabError(f"{host}'s agent did not start: {_tail(self.log(host))}")
+            time.sleep(0.02)
+
     def start_agent(self, host: str) -> None:
         argv = [sys.executable, "-m", "coral", "agent", "run", str(self.config(host))]
         _detached(self.lab, host, argv, self.log(host))
@@ -150,8 +158,12 @@ def start(
         pair.config(host).write_text(
             config_text(lab, host, key, interval_ms, misses, witness, services)
         )
+    # One after the other: loading the data plane (the BPF verifier) holds a CPU
+    # in the kernel for a while, and on a non-preemptive kernel that can starve
+    # an agent already in a pair long enough to fail it over.
     for host in HOSTS:
         pair.start_agent(host)
+        pair.wait_socket(host, START_TIMEOUT_S)
     for host in HOSTS:
         pair.wait(host, {"duplex"}, START_TIMEOUT_S)
     return pair
