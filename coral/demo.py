@@ -58,6 +58,8 @@ def add_parser(sub: Any) -> None:
         help="where stage 3 writes its PNG (default: coral-demo.png)",
     )
     p.add_argument("--product-seconds", type=float, default=14.0, help="stage 3 load (14 s)")
+    p.add_argument("--interval-ms", type=int, default=50, help="stage 3 heartbeats (50 ms)")
+    p.add_argument("--misses", type=int, default=4, help="stage 3: heartbeats missed = lost (4)")
     p.set_defaults(func=run)
 
 
@@ -195,8 +197,7 @@ def product_stage(args: argparse.Namespace) -> bool:
 
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            # Heartbeats every 50 ms, 4 missed = lost: robust on a shared machine.
-            pair = agents.start(lab, interval_ms=50, misses=4)
+            pair = agents.start(lab, interval_ms=args.interval_ms, misses=args.misses)
             records = {c: Path(tmp) / f"{c}.jsonl" for c in ("client1", "client2")}
             runs = [
                 lab.start_tool(c, "load", f"http://{SERVICE_VIP}", "--connections", "4",

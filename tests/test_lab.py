@@ -241,6 +241,7 @@ def test_demo_command_runs_end_to_end(tmp_path: Path) -> None:
             "8",
             "--plot",
             str(plot),
+            *("--interval-ms", "100", "--misses", "8"),  # see test_agent.INTERVAL_MS
         ],
         capture_output=True,
         text=True,
