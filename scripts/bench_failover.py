@@ -19,20 +19,37 @@ work leaves the machine mostly idle: on 2 shared vCPUs someone else's
 saturating load starves the heartbeats themselves, and that is a different
 experiment.
 
-Recorded per failover: the client-visible gap (`longest_gap_ms` of the load
-reports: the longest time in which no request completed, the max over both
-clients) and where it lies relative to the crash (the client's clock is
-placed by the moment its report appears; a longest gap that does not contain
-the crash, such as a straggler at the end of the run, is a WARNING), the
-load's failed, corrupted, reset and connection-error counts (all must be 0;
-anything else is printed as a PROBLEM with the agents' and proxies' log
-tails, and makes the exit status 1), the survivor's phases, the
-crash-to-simplex time seen from outside (from the start of the crash call for
-kill and freeze, which signal first and then wait for the processes to end,
-from its end for link, which cuts the second heartbeat path last; to the
-survivor's entry into simplex, from its state's age), and the machine's
-noise (steal plus CPU of processes outside the lab) before (the quiet check)
-and during the run.
+Recorded per failover:
+
+- the client-visible gap: the longest time in which a client completed no
+  request, among the gaps that contain the crash, the worse of the two
+  clients. Computed from each client's records (`coral load --records`) up to
+  the end of its sending window: the report's own longest_gap_ms also counts
+  the drain after the window, where one slow last request reads as a gap, and
+  the longest gap of a run can be a stall long after the failover (both are
+  printed too). The crash is placed on the client's clock by the moment its
+  report appears (its run's end), to ~10 ms on an idle machine;
+- when service was back: the end of that gap, or of a pause over 50 ms that
+  follows it after at most one completion per connection (replies the
+  survivor held come out when it goes simplex, and the requests that follow
+  them can still be lost and wait for TCP's loss probe);
+- the load's failed, corrupted, reset and connection-error counts (all must be
+  0; anything else is a PROBLEM, printed with the agents' and proxies' log
+  tails, and makes the exit status 1);
+- the survivor's phases (below), and the crash-to-simplex time seen from
+  outside (from the start of the crash call for kill and freeze, which signal
+  first and then wait for the processes to end, from its end for link, which
+  cuts the second heartbeat path last; to the survivor's entry into simplex,
+  from its state's age);
+- the kernel TCP counters of the clients and the survivor over the run
+  (retransmission timeouts, tail-loss probes, retransmitted segments), and
+  the machine's noise (steal plus CPU of processes outside the lab) before
+  (the quiet check) and during the run.
+
+A pair that fails over by itself before the crash (a stall of the whole
+machine longer than the lease) or a crash that fails is done again on a new
+lab, up to 3 times, and listed. Load that never shows up as replicated is a
+PROBLEM, with what `ss` and the agents saw.
 
 Phases (coral/agent/agent.py, Agent._take_over):
 detection = the last heartbeat acknowledging the survivor's epoch -> the
@@ -97,8 +114,8 @@ OUTAGE_GAP_S = 0.05
 """A pause this long right after the failover's gap extends the outage (gap_around);
 completions come every few ms otherwise."""
 GAP_SLACK_MS = 250.0
-"""How far from the crash a client's longest gap may seem to start (or end) and
-still be the failover's: the client's clock is known only roughly (gap_around)."""
+"""How long after the crash a client's gap may seem to start and still be the
+failover's: the crash is placed on the client's clock only roughly (gap_around)."""
 POLL_S = 0.02
 MAX_ATTEMPTS = 3
 """Labs built for one failover at most while its pair fails over before the crash
@@ -123,7 +140,7 @@ class Cell:
 
 
 def parse_setting(text: str) -> tuple[int, int]:
-    """ "20x3" -> (interval_ms=20, misses=3)."""
+    """Parse a heartbeat setting: "20x3" is (interval_ms=20, misses=3)."""
     interval, sep, misses = text.partition("x")
     if not sep or not interval.isdigit() or not misses.isdigit():
         raise argparse.ArgumentTypeError(f"bad setting {text!r}: use INTERVAL_MSxMISSES, e.g. 20x3")
@@ -257,10 +274,15 @@ def diagnose(pair: LabPair) -> dict[str, list[str]]:
     the TCP connections to the service on every host, the pair's service state."""
     out: dict[str, list[str]] = {}
     for host in (*CLIENTS, *HOSTS):
-        ss = pair.lab.run(host, ["ss", "-Htn", "state", "all", "( sport = :80 or dport = :80 )"])
-        out[f"{host} ss"] = ss.stdout.splitlines()[:12]
+        argv = ["ss", "-Htn", "state", "all", "( sport = :80 or dport = :80 )"]
+        ss = pair.lab.run(host, argv, check=False)
+        out[f"{host} ss"] = (ss.stdout + ss.stderr).splitlines()[:12]
     for host in HOSTS:
-        st = pair.status(host)
+        try:
+            st = pair.status(host)
+        except OSError as e:
+            out[f"{host} status"] = [f"no answer: {e}"]
+            continue
         out[f"{host} status"] = [
             json.dumps({k: st[k] for k in ("state", "epoch", "services", "heartbeats")})
         ]
@@ -422,7 +444,11 @@ def measure(pair: LabPair, cell: Cell, args: argparse.Namespace, rec: dict[str, 
         if g["ms"] is None:
             rec["warnings"].append(f"{client}: no completions on both sides of the crash")
 
-    status, asked = settled(pair, survivor, SETTLE_TIMEOUT_S)
+    try:
+        status, asked = settled(pair, survivor, SETTLE_TIMEOUT_S)
+    except OSError as e:  # its agent exited (a component of the survivor died)
+        rec["problems"].append(f"survivor {survivor}'s agent does not answer: {e}")
+        return
     rec["survivor_state"] = status["state"]
     rec["transitions"] = status["transitions"]
     failover = status["last_failover"]
