@@ -76,7 +76,6 @@ import argparse
 import concurrent.futures
 import itertools
 import json
-import math
 import select
 import shutil
 import statistics
@@ -89,7 +88,7 @@ from typing import Any
 from coral import netns
 from coral.lab import CRASH_MODES, Lab, LabError, agents, bench
 from coral.lab.agents import LabPair
-from coral.lab.bench import fmt
+from coral.lab.bench import fmt, median_of, percentile
 from coral.lab.lab import ToolRun
 from coral.lab.pair import HOSTS, peer_of
 from coral.lab.topology import SERVICE_VIP, fresh_name
@@ -165,19 +164,6 @@ def settings_list(text: str) -> list[str]:
     if not items:
         raise argparse.ArgumentTypeError("no setting given")
     return items
-
-
-def percentile(values: Iterable[float], p: float) -> float | None:
-    """Nearest-rank percentile (as `coral load` reports them); None for no values."""
-    ordered = sorted(values)
-    if not ordered:
-        return None
-    return ordered[max(0, math.ceil(p / 100 * len(ordered)) - 1)]
-
-
-def median(values: Iterable[float | None]) -> float | None:
-    present = [v for v in values if v is not None]
-    return statistics.median(present) if present else None
 
 
 # ---- one failover ------------------------------------------------------------
@@ -628,7 +614,7 @@ def print_results(records: Sequence[Mapping[str, Any]], args: argparse.Namespace
     for key, label in BREAKDOWN:
         row = [label]
         for s, v in cols:
-            m = median(phases(r).get(key) for r in pick(s, v))
+            m = median_of(phases(r).get(key) for r in pick(s, v))
             row.append(f"{m:g}" if key.endswith("_rtos") and m is not None else fmt(m))
         table.append(row)
     bench.print_table(header, table)
@@ -641,7 +627,7 @@ def print_results(records: Sequence[Mapping[str, Any]], args: argparse.Namespace
             ph = [phases(r) for r in pick(s, v, k)]
             row.append(
                 " / ".join(
-                    fmt(median(p.get(x) for p in ph)) for x in ("detection", "serving", "gap")
+                    fmt(median_of(p.get(x) for p in ph)) for x in ("detection", "serving", "gap")
                 )
             )
         kind_rows.append(row)

@@ -60,14 +60,14 @@ import random
 import select
 import statistics
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from coral.lab import CRASH_MODES, Lab, LabError, agents, bench
 from coral.lab.agents import LabPair
-from coral.lab.bench import fmt
+from coral.lab.bench import fmt, median_of, percentile
 from coral.lab.lab import ToolRun
 from coral.lab.pair import HOSTS, peer_of
 from coral.lab.topology import SERVICE_VIP, fresh_name
@@ -167,19 +167,6 @@ def csv_of(choices: Sequence[str]) -> Callable[[str], list[str]]:
 def wall_clock() -> str:
     """Now, as the agents' logs write it (local time, milliseconds)."""
     return datetime.datetime.now().strftime("%H:%M:%S.%f")[:-3]
-
-
-def percentile(values: Iterable[float], p: float) -> float | None:
-    """Nearest-rank percentile (as `coral load` reports them); None for no values."""
-    ordered = sorted(values)
-    if not ordered:
-        return None
-    return ordered[max(0, math.ceil(p / 100 * len(ordered)) - 1)]
-
-
-def median(values: Iterable[float | None]) -> float | None:
-    present = [v for v in values if v is not None]
-    return statistics.median(present) if present else None
 
 
 # ---- the pair ------------------------------------------------------------------
@@ -660,7 +647,7 @@ def print_summary(records: Sequence[CycleRecord], args: argparse.Namespace) -> N
         (reintegration_figures, REINTEGRATION_ROWS),
     ):
         for key, label in spec:
-            table.append([label, *(fmt(median(figures(r)[key] for r in g)) for _, g in groups)])
+            table.append([label, *(fmt(median_of(figures(r)[key] for r in g)) for _, g in groups)])
     bench.print_table(["phase", *(name for name, _ in groups)], table)
 
     replicated = [r.replicated_after_s for r in done if r.replicated_after_s is not None]
