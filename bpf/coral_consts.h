@@ -66,6 +66,10 @@ enum coral_reason {
 	 * before this host rejoined): redirected to the primary, not
 	 * delivered here (this stack would reset it). */
 	CORAL_PASS_FORWARDED,
+	/* Primary: a backup report opened the window the backup limits, with
+	 * the acknowledgement unchanged (its application read): a window
+	 * update goes to the client at once. */
+	CORAL_PASS_WINDOW_OPENED,
 
 	/* Service traffic while the service is fenced (mode). */
 	CORAL_DROP_FENCED,

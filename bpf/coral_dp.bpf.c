@@ -13,6 +13,7 @@
 
 #include "coral_backup.h"
 #include "coral_primary.h"
+#include "coral_sockops.h"
 #include "coral_verdict.h"
 
 /* A frame whose source is a service (VIP:port) arriving here: the
@@ -80,3 +81,12 @@ int coral_egress(struct __sk_buff *skb)
 }
 
 char LICENSE[] SEC("license") = "GPL";
+
+/* Sockets below the cgroup the loader attached this to (coral_sockops.h). */
+SEC("sockops")
+int coral_sockops(struct bpf_sock_ops *ops)
+{
+	if (ops->op == BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB)
+		coral_sock_established(ops);
+	return 1;
+}

@@ -43,19 +43,41 @@ static __always_inline enum coral_reason coral_primary_in(const struct coral_pkt
 	return CORAL_PASS_SERVICE;
 }
 
-/* The window to advertise with acknowledgement ACK: the right edge never
- * beyond the backup's (nor the primary's own). */
-static __always_inline __u16 coral_clamped_win(const struct coral_conn_state *c, __u32 ack)
+/* The right edge of the window the client may be offered: never beyond
+ * the backup's (nor the primary's own). */
+static __always_inline __u32 coral_clamped_edge(const struct coral_conn_state *c)
 {
 	__u32 edge = c->primary_ack + c->primary_win;
-	__u32 win;
 
 	if (c->flags & CORAL_CONN_BACKUP_SEEN)
 		edge = coral_seq_min(edge, c->backup_ack + c->backup_win);
+	return edge;
+}
+
+/* The window to advertise with acknowledgement ACK (coral_clamped_edge). */
+static __always_inline __u16 coral_clamped_win(const struct coral_conn_state *c, __u32 ack)
+{
+	__u32 edge = coral_clamped_edge(c);
+	__u32 win;
+
 	if (!coral_after(edge, ack))
 		return 0;
 	win = (edge - ack) >> c->rcv_wscale;
 	return win > 0xffff ? 0xffff : win;
+}
+
+/* Did the window the client may be offered, up to right edge EDGE before a
+ * report, at least double with it (Linux's own rule for sending a window
+ * update: a closed or nearly closed window that opened)? */
+static __always_inline bool coral_window_opened(const struct coral_conn_state *c, __u32 edge)
+{
+	__u32 before = coral_after(edge, c->acked_to_client) ? edge - c->acked_to_client : 0;
+	__u32 now = coral_clamped_edge(c);
+
+	if (!coral_after(now, c->acked_to_client))
+		return false;
+	now -= c->acked_to_client;
+	return now > before && now / 2 >= before;
 }
 
 /* Does the backup hold every byte of SACK block B? */
@@ -265,8 +287,12 @@ static __always_inline int coral_primary_out(struct __sk_buff *skb, const struct
 
 /* A report from the backup (its own segment, suppressed and redirected to
  * us): take its acknowledgement, window and SACK blocks; if the clamp rose
- * above what the client was last told, turn the report into that ACK and
- * send it to the client now. Returns the tc action (it counts). */
+ * above what the client was last told, or the window the backup limits
+ * opened (its application read: a window update), turn the report into
+ * that ACK and send it to the client now; a client facing a closed window
+ * would otherwise learn of the opening only from its next zero-window
+ * probe, whose timer backs off to seconds. Returns the tc action (it
+ * counts). */
 static __always_inline int coral_primary_report(struct __sk_buff *skb, const struct coral_pkt *pkt,
 						const struct coral_service *svc)
 {
@@ -275,7 +301,9 @@ static __always_inline int coral_primary_report(struct __sk_buff *skb, const str
 	struct coral_conn_state *c;
 	struct coral_conn_key key;
 	struct coral_seg seg;
-	__u32 clamp;
+	enum coral_reason sent;
+	__u32 clamp, edge;
+	bool seen;
 	int i;
 
 	coral_key_out(pkt, &key);
@@ -291,6 +319,10 @@ static __always_inline int coral_primary_report(struct __sk_buff *skb, const str
 	 * highest is its latest, whatever order reports arrive in. */
 	if (seg.opts.has_ts && (!c->backup_tsecr || coral_after(seg.opts.tsecr, c->backup_tsecr)))
 		c->backup_tsecr = seg.opts.tsecr;
+	/* The edge the client may have been offered (before its first report
+	 * the backup limits nothing). */
+	seen = c->flags & CORAL_CONN_BACKUP_SEEN;
+	edge = coral_clamped_edge(c);
 	/* A report older than the latest (reordered) changes nothing. */
 	if (!(c->flags & CORAL_CONN_BACKUP_SEEN) || !coral_after(c->backup_ack, seg.ack)) {
 		c->backup_ack = seg.ack;
@@ -307,8 +339,16 @@ static __always_inline int coral_primary_report(struct __sk_buff *skb, const str
 	}
 
 	clamp = coral_seq_min(c->primary_ack, c->backup_ack);
-	if (coral_conn_mode(s, c) != CORAL_MODE_DUPLEX || !coral_after(clamp, c->acked_to_client))
+	if (coral_after(clamp, c->acked_to_client))
+		sent = CORAL_PASS_RAISED_ACK;
+	else if (seen && coral_window_opened(c, edge))
+		sent = CORAL_PASS_WINDOW_OPENED;
+	else
+		sent = CORAL_DROP_REPORT_CONSUMED;
+	if (coral_conn_mode(s, c) != CORAL_MODE_DUPLEX || sent == CORAL_DROP_REPORT_CONSUMED)
 		return coral_verdict(skb, CORAL_DROP_REPORT_CONSUMED);
+	if (sent == CORAL_PASS_WINDOW_OPENED)
+		clamp = c->acked_to_client;
 
 	spec.saddr = pkt->ip->saddr;
 	spec.daddr = pkt->ip->daddr;
@@ -324,7 +364,7 @@ static __always_inline int coral_primary_report(struct __sk_buff *skb, const str
 		return coral_verdict(skb, CORAL_DROP_REWRITE_FAILED);
 	c->acked_to_client = clamp;
 	skb->mark = CORAL_MARK_CRAFTED;
-	coral_count(skb, CORAL_PASS_RAISED_ACK);
+	coral_count(skb, sent);
 	return bpf_redirect(skb->ifindex, 0);
 }
 

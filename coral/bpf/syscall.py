@@ -33,9 +33,17 @@ class Cmd(IntEnum):
     MAP_UPDATE_ELEM = 2
     MAP_DELETE_ELEM = 3
     MAP_GET_NEXT_KEY = 4
+    OBJ_PIN = 6
     OBJ_GET = 7
     PROG_TEST_RUN = 10
     OBJ_GET_INFO_BY_FD = 15
+    LINK_CREATE = 28
+
+
+class AttachType(IntEnum):
+    """Attach points used here (enum bpf_attach_type)."""
+
+    CGROUP_SOCK_OPS = 3
 
 
 class UpdateFlag(IntEnum):
@@ -73,6 +81,15 @@ class _ObjGetAttr(ctypes.Structure):
         ("bpf_fd", ctypes.c_uint32),
         ("file_flags", ctypes.c_uint32),
         ("path_fd", ctypes.c_int32),
+    )
+
+
+class _LinkCreateAttr(ctypes.Structure):
+    _fields_ = (
+        ("prog_fd", ctypes.c_uint32),
+        ("target_fd", ctypes.c_uint32),
+        ("attach_type", ctypes.c_uint32),
+        ("flags", ctypes.c_uint32),
     )
 
 
@@ -179,6 +196,20 @@ def unmount(path: str) -> None:
     if _libc.umount2(os.fsencode(path), mnt_detach) != 0:
         err = ctypes.get_errno()
         raise OSError(err, f"umount {path}: {os.strerror(err)}")
+
+
+def link_create(prog_fd: int, target_fd: int, attach_type: AttachType) -> int:
+    """Attach program PROG_FD to TARGET_FD (a cgroup's directory fd for the
+    cgroup attach types) as a BPF link; returns the link's fd, which the
+    caller owns. The link lasts as long as an fd or a pin holds it."""
+    attr = _LinkCreateAttr(prog_fd=prog_fd, target_fd=target_fd, attach_type=int(attach_type))
+    return bpf(Cmd.LINK_CREATE, attr)
+
+
+def obj_pin(fd: int, path: str) -> None:
+    """Pin the map, program or link FD at PATH (on a bpffs)."""
+    cpath = ctypes.create_string_buffer(os.fsencode(path))
+    bpf(Cmd.OBJ_PIN, _ObjGetAttr(pathname=_addr(cpath), bpf_fd=fd))
 
 
 @cache

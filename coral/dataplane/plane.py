@@ -59,7 +59,7 @@ from pyroute2.netlink.diag import SS_ALL, SS_LISTEN
 
 from coral import bpf
 from coral import netns as netns_mod
-from coral.bpf import tc
+from coral.bpf import cgroup, tc
 from coral.bpf.libbpf import BpfObject, LibbpfError
 from coral.bpf.maps import CoralMaps, Counts, TypedMap
 from coral.bpf.structs import (
@@ -81,6 +81,11 @@ from coral.dataplane import identity, settings
 
 OBJECT = "coral_dp"
 PROGRAMS = (("coral_ingress", tc.Hook.INGRESS), ("coral_egress", tc.Hook.EGRESS))
+SOCKOPS_LINK = "coral_sockops_link"
+"""The pinned link of coral_sockops, next to the maps."""
+RTO_MIN_MAX_MS = 200
+"""The kernel's own minimum RTO: TCP_BPF_RTO_MIN may only lower it."""
+_SO_NETNS_COOKIE = 71
 _LIVE_SOCKETS = SS_ALL & ~(1 << SS_LISTEN)
 """Every socket state that belongs to one connection (TIME_WAIT included)."""
 
@@ -130,6 +135,13 @@ def _mac(value: bytes | str) -> bytes:
     if len(raw) != 6:
         raise DataPlaneError(f"bad MAC address {value!r}: want 6 bytes (02:00:5e:10:00:01)")
     return raw
+
+
+def _netns_cookie() -> int:
+    """The calling thread's network namespace's cookie (what the socket program
+    compares with its socket's, to act only on its own namespace's)."""
+    with socket.socket() as s:
+        return int.from_bytes(s.getsockopt(socket.SOL_SOCKET, _SO_NETNS_COOKIE, 8), "little")
 
 
 def _conn_key(client_ip: str, client_port: int, vip: str, vip_port: int) -> ConnKey:
@@ -351,13 +363,20 @@ class DataPlane(PlaneView):
     order and who owns what."""
 
     def __init__(
-        self, obj: BpfObject, maps: CoralMaps, ns: str | None, lan_if: str, pin_dir: Path
+        self,
+        obj: BpfObject,
+        maps: CoralMaps,
+        ns: str | None,
+        lan_if: str,
+        pin_dir: Path,
+        rto_min_ms: float = 0.0,
     ) -> None:
         super().__init__(maps)
         self._obj = obj
         self.ns = ns
         self.lan_if = lan_if
         self.pin_dir = pin_dir
+        self.rto_min_ms = rto_min_ms
 
     @classmethod
     def open(
@@ -368,14 +387,20 @@ class DataPlane(PlaneView):
         conn_capacity: int = 65536,
         handshake_capacity: int = 16384,
         obj_path: str | os.PathLike[str] | None = None,
+        rto_min_ms: float = 0.0,
     ) -> DataPlane:
         """Load coral_dp (or OBJ_PATH) for LAN_IF in namespace NS, its maps
         pinned in PIN_DIR (created on a mounted bpffs; maps pinned there
         already are reused, with their state). Capacities size the
         connection maps (coral_conns and coral_closing: CONN_CAPACITY) and
         the handshake map; pinned maps keep their size, so a different
-        configuration is refused rather than silently ignored."""
+        configuration is refused rather than silently ignored. RTO_MIN_MS
+        (0: the kernel's) is the minimum retransmission timeout of the
+        service sockets established while the data plane is attached
+        (coral_sockops.h); at most the kernel's own 200 ms."""
         pin = Path(pin_dir)
+        if not 0 <= rto_min_ms <= RTO_MIN_MAX_MS:
+            raise DataPlaneError(f"minimum RTO {rto_min_ms} ms: use 0 to {RTO_MIN_MAX_MS}")
         if ns is not None and not os.path.exists(netns_mod.ns_path(ns)):
             raise DataPlaneError(f"no network namespace {ns!r}")
         try:
@@ -402,6 +427,9 @@ class DataPlane(PlaneView):
         try:
             for name, n in sizes.items():
                 obj.set_max_entries(name, n)
+            obj.set_rodata("coral_rto_min_us", round(rto_min_ms * 1000).to_bytes(4, "little"))
+            cookie = netns_mod.call_in_netns(ns, _netns_cookie)
+            obj.set_rodata("coral_netns_cookie", cookie.to_bytes(8, "little"))
             obj.load()
             maps = CoralMaps.of(obj)
         except (LibbpfError, TypeError) as e:
@@ -410,7 +438,7 @@ class DataPlane(PlaneView):
         except BaseException:
             obj.close()
             raise
-        return cls(obj, maps, ns, lan_if, pin)
+        return cls(obj, maps, ns, lan_if, pin, rto_min_ms)
 
     def close(self) -> None:
         """Release the object. Attached programs and pinned maps stay."""
@@ -419,15 +447,25 @@ class DataPlane(PlaneView):
     # ---- programs
 
     def attach(self) -> None:
-        """Put the programs on LAN_IF's tc ingress and egress; replaces
+        """Put the programs on LAN_IF's tc ingress and egress, and the socket
+        program (with a minimum RTO set) on the cgroup v2 root; replaces
         earlier ones atomically (a restarted agent's new programs take
         over the same pinned maps)."""
         for prog, hook in PROGRAMS:
             tc.attach(self.lan_if, self._obj.prog_fd(prog), prog, hook, netns=self.ns)
+        link = self.pin_dir / SOCKOPS_LINK
+        try:
+            if self.rto_min_ms:
+                cgroup.attach(self._obj.prog_fd("coral_sockops"), link)
+            else:
+                cgroup.detach(link)
+        except (OSError, LibbpfError) as e:
+            raise DataPlaneError(f"cannot attach the socket program: {e}") from None
 
     def detach(self) -> None:
-        """Remove the programs from LAN_IF (the maps stay pinned)."""
+        """Remove the programs from LAN_IF and the cgroup (the maps stay pinned)."""
         tc.detach(self.lan_if, netns=self.ns)
+        cgroup.detach(self.pin_dir / SOCKOPS_LINK)
 
     # ---- services and modes
 

@@ -62,12 +62,18 @@ class Pair:
 
     @classmethod
     def up(
-        cls, lab: Lab, vip: str = SERVICE_VIP, port: int = SERVICE_PORT, capacity: int = 65536
+        cls,
+        lab: Lab,
+        vip: str = SERVICE_VIP,
+        port: int = SERVICE_PORT,
+        capacity: int = 65536,
+        rto_min_ms: float = 0.0,
     ) -> Pair:
-        """Data plane on both hosts (CAPACITY replicated connections), service duplex."""
+        """Data plane on both hosts (CAPACITY replicated connections, service
+        sockets with a minimum RTO of RTO_MIN_MS if set), service duplex."""
         pair = cls(lab, vip, port)
         try:
-            pair._configure(capacity)
+            pair._configure(capacity, rto_min_ms)
         except BaseException:
             pair.close()
             raise
@@ -76,7 +82,7 @@ class Pair:
     def pin_dir(self, host: str) -> Path:
         return self.lab.bpffs / host
 
-    def _configure(self, capacity: int) -> None:
+    def _configure(self, capacity: int, rto_min_ms: float) -> None:
         for host in HOSTS:
             # No delayed ACKs toward clients: the primary's acknowledgement
             # waits for the backup's, and neither should wait for a timer.
@@ -87,7 +93,11 @@ class Pair:
             )  # fmt: skip
             self.pin_dir(host).mkdir(exist_ok=True)
             plane = DataPlane.open(
-                self.lab.namespace(host), LAN_IF, self.pin_dir(host), conn_capacity=capacity
+                self.lab.namespace(host),
+                LAN_IF,
+                self.pin_dir(host),
+                conn_capacity=capacity,
+                rto_min_ms=rto_min_ms,
             )
             self.planes[host] = plane
             plane.attach()
