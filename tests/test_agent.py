@@ -116,6 +116,25 @@ def test_crash_under_load_fails_over_by_itself(pair: LabPair, victim: str, mode:
     failover = status["last_failover"]
     assert failover is not None and failover["total_ms"] < 1000, failover
     assert status["services"][0]["mode"] == "simplex"
+    check_notified(pair, survivor, victim)
+
+
+def check_notified(pair: LabPair, survivor: str, victim: str) -> None:
+    """The survivor's notify hook heard of the loss, then of serving alone, each
+    with the reason and a status snapshot (the lab's hook: one file per event)."""
+    seen: list[str] = []
+
+    def notified() -> bool:
+        seen[:] = [e["event"] for e in pair.events(survivor)]
+        return "simplex" in seen
+
+    wait_for(notified, 10, f"the simplex event of {survivor}'s notify hook (saw {seen})")
+    events = {e["event"]: e for e in pair.events(survivor)}
+    assert seen.index("peer-lost") < seen.index("simplex"), seen
+    assert victim in events["peer-lost"]["why"] or "heartbeat" in events["peer-lost"]["why"]
+    alone = events["simplex"]["status"]
+    assert alone["state"] == "simplex" and alone["last_failover"] is not None, alone
+    assert alone["services"][0]["mode"] == "simplex", alone
 
 
 def capture(lab: Lab, mac: str, seconds: float) -> subprocess.Popen[bytes]:

@@ -107,6 +107,20 @@ role = "backup"
     assert config.parse(minimal + '[metrics]\nlisten = ""\n').metrics.listen is None
 
 
+def test_service_rto_min_follows_the_heartbeats_unless_set(key_file: Path) -> None:
+    """Just above the longest takeover (interval x (misses + 2)), at most the kernel's
+    200 ms; an explicit value wins, 0 included."""
+    text = good(key_file)
+    assert config.parse(text).service_rto_min_ms == 20 * (3 + 2)
+    slow = text.replace("interval_ms = 20", "interval_ms = 100")
+    assert config.parse(slow).service_rto_min_ms == 200
+    for value in (0, 150):
+        explicit = text.replace(
+            "conn_capacity = 65536", f"conn_capacity = 65536\nrto_min_ms = {value}"
+        )
+        assert config.parse(explicit).service_rto_min_ms == value
+
+
 def test_two_services_on_one_vip(key_file: Path) -> None:
     text = good(key_file) + '\n[[service]]\nvip = "198.18.0.100"\nport = 443\nrole = "primary"\n'
     text += "log_port = 7003\n"
@@ -293,6 +307,11 @@ INVALID: list[tuple[str, Callable[[str], str], str]] = [
         "key outside sections",
         lambda t: "debug = true\n" + t,
         "agent.toml: debug: key outside any section",
+    ),
+    (
+        "rto_min_ms above the kernel's",
+        _sub("conn_capacity = 65536", "conn_capacity = 65536\nrto_min_ms = 250"),
+        "[host] rto_min_ms: 250 is out of range (expected an integer from 0 to 200)",
     ),
     (
         "empty notify argv",

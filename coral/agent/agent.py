@@ -139,6 +139,8 @@ class Agent:
         self._peer_mac = bytes(6)
         self._forming = False
         self._admitting = False
+        self._peer_duplex = asyncio.Event()
+        """Set by a heartbeat of the peer in DUPLEX: a re-integration waits for it."""
         self._renewed_ns = 0
         self._nl = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="netlink")
         self.witness_reachable: bool | None = None
@@ -181,6 +183,7 @@ class Agent:
             cfg.host.lan_interface,
             cfg.host.pin_dir,
             cfg.host.conn_capacity,
+            rto_min_ms=cfg.service_rto_min_ms,
         )
         await self._netlink(self.dp.attach)
         self.dp.fence()
@@ -193,6 +196,7 @@ class Agent:
         )
         if cfg.witness is not None:
             self.witness = WitnessClient(cfg.witness.address, self.key, self.name)
+            await self.witness.prepare()
         self.hb.send(self.epoch, 0, self.sm.state)  # resolves the peer's MAC meanwhile
         self._peer_mac = await self._neighbor_mac(PEER_MAC_TIMEOUT_S)
         for svc in cfg.services:
@@ -316,6 +320,8 @@ class Agent:
         peer.last_rx_ns = now
         peer.paths[path] = now
         peer.epoch, peer.state, peer.echo = beat.epoch, beat.state, (beat.sent_ns, now)
+        if beat.state == State.DUPLEX:
+            self._peer_duplex.set()
         if rtt is not None:
             peer.rtt_s = rtt
         info = _info_of(beat.info)
@@ -367,12 +373,18 @@ class Agent:
                 delay = 0
             await asyncio.sleep(delay)
 
-    def _tick(self) -> None:
-        now = time.monotonic_ns()
+    def _beat(self) -> None:
+        """Send a heartbeat now: every tick, and at once when the peer waits for what
+        it carries (a re-integration's steps), rather than up to an interval later."""
         state = self.sm.state
         if self.hb is not None and state is not State.FAILED:
             acked = self.peer.epoch if self.acking and self.peer.last_rx_ns else 0
             self.hb.send(self.epoch, acked, state, info=self._info_bytes)
+
+    def _tick(self) -> None:
+        now = time.monotonic_ns()
+        state = self.sm.state
+        self._beat()
         lease_ns = round(self.lease_s * 1e9)
         if state is State.STARTING:
             if self.peer.last_acked_ns and now - self.peer.last_acked_ns < lease_ns:
@@ -426,8 +438,10 @@ class Agent:
         self._lost_at_ns = time.monotonic_ns()
         self.sm.move(State.LOST, why)
         self.sm.want(State.SIMPLEX)
-        self._notify("peer-lost", why)
         self._spawn(self._take_over(), "takeover")
+        # After the takeover's first step (its request to the witness): the
+        # hook's status snapshot reads every connection.
+        asyncio.get_running_loop().call_soon(self._notify, "peer-lost", why)
 
     async def _take_over(self) -> None:
         """LOST -> TAKEOVER -> SIMPLEX, or FENCED when the right to serve alone is not certain."""
@@ -459,27 +473,32 @@ class Agent:
         end = self.peer.lease_bound_ns + round((self.lease_s + MARGIN_S) * 1e9)
         await asyncio.sleep(max(0, end - time.monotonic_ns()) / 1e9)
         waited = time.monotonic_ns()
-        for svc in self.cfg.services:
-            self.dp.set_mode(svc.vip, svc.port, Mode.SIMPLEX)
-        switched = time.monotonic_ns()
-        for svc in self.cfg.services:
-            self.dp.pin_simplex(svc.vip, svc.port)
+        # A surviving primary moves the VIP first: going simplex releases the
+        # replies its proxy held for the log, and the clients' next requests
+        # must reach this host, not the dead one (they would wait for a
+        # loss probe, 200 ms and more).
         self._claimed = [s.vip for s in self.cfg.services if self.roles[s.vip, s.port] == "primary"]
         for vip in self._claimed:
             await self._netlink(self.dp.claim_vip, vip)
+        await self._gratuitous_arp(self._claimed)
         claimed = time.monotonic_ns()
+        for svc in self.cfg.services:
+            self.dp.set_mode(svc.vip, svc.port, Mode.SIMPLEX)
+        for svc in self.cfg.services:
+            self.dp.pin_simplex(svc.vip, svc.port)
+        pinned = time.monotonic_ns()
         last_ack = self.peer.last_acked_ns or detected
         self.failovers += 1
         self.last_failover = {
             "at": _utc_now(),
             "why": f"{self.peer.name} lost",
-            "total_ms": (claimed - last_ack) / 1e6,
+            "total_ms": (pinned - last_ack) / 1e6,
             "grant_ms": (granted - detected) / 1e6,
             "phases_ms": {
                 "detection": (detected - last_ack) / 1e6,
                 "fencing_wait": (waited - detected) / 1e6,
-                "data_plane": (switched - waited) / 1e6,
-                "identity": (claimed - switched) / 1e6,
+                "identity": (claimed - waited) / 1e6,
+                "data_plane": (pinned - claimed) / 1e6,
             },
         }
         self.sm.move(State.SIMPLEX, f"{self.peer.name}'s lease has run out; serving alone")
@@ -499,6 +518,7 @@ class Agent:
         self._joining_since = time.monotonic_ns()
         self.sm.move(State.JOINING, f"{self.peer.name} serves alone (epoch {self.peer.epoch})")
         self.sm.want(State.DUPLEX)
+        self._beat()
 
     def _admit(self) -> None:
         """The peer asks to join while this host serves alone."""
@@ -528,11 +548,12 @@ class Agent:
                     self.dp.set_mode(svc.vip, svc.port, Mode.SIMPLEX)
             self._claimed = []
             self.acking = True
+            self._peer_duplex.clear()
             self._set_info(join="accepted", refused=None)
+            self._beat()
             reconfigured = time.monotonic_ns()
             async with asyncio.timeout(JOIN_TIMEOUT_S):
-                while self.peer.state != State.DUPLEX:
-                    await asyncio.sleep(self.interval / 4)
+                await self._peer_duplex.wait()
             joined = time.monotonic_ns()
             assert self.peer.settings is not None
             for svc in self.cfg.services:  # the settings check reads netlink
@@ -585,22 +606,19 @@ class Agent:
                     Mode.DUPLEX,
                     peer_settings=self.peer.settings,
                 )
-            for svc in self.cfg.services:
-                await asyncio.to_thread(
-                    identity.gratuitous_arp,
-                    None,
-                    svc.vip,
-                    self.cfg.host.lan_interface,
-                    self.cfg.identity.arp_count,
-                    self.cfg.identity.arp_spacing_ms / 1000,
-                )
+            vips = sorted({svc.vip for svc in self.cfg.services})
+            await self._gratuitous_arp(vips)  # the first announcement; the rest below
         except DataPlaneError as e:
             self._fence(f"joining {self.peer.name} failed: {e}")
             return
         finally:
             self._admitting = False
         self.sm.move(State.DUPLEX, f"joined {self.peer.name} as backup")
+        self._beat()
         self._notify("duplex", f"joined {self.peer.name}")
+        for _ in range(self.cfg.identity.arp_count - 1):
+            await asyncio.sleep(self.cfg.identity.arp_spacing_ms / 1000)
+            await self._gratuitous_arp(vips)
 
     # ---- planned switch-over
 
@@ -638,17 +656,22 @@ class Agent:
                 self._info[key] = value
         self._info_bytes = _compact(self._info)
 
+    async def _gratuitous_arp(self, vips: list[str]) -> None:
+        """One gratuitous ARP for each of VIPS."""
+        for vip in vips:
+            await asyncio.to_thread(
+                identity.gratuitous_arp, None, vip, self.cfg.host.lan_interface, 1
+            )
+
     async def _announce(self) -> None:
         """Gratuitous ARP for the claimed VIPs until an outside host answers through the
         router (the router's ARP entry moved), then again every arp_refresh_s."""
         ident = self.cfg.identity
-        lan_if = self.cfg.host.lan_interface
         confirmed = not ident.confirm_hosts
         while self.sm.state is State.SIMPLEX:
-            for vip in self._claimed:
-                for _ in range(ident.arp_count):
-                    await asyncio.to_thread(identity.gratuitous_arp, None, vip, lan_if, 1)
-                    await asyncio.sleep(ident.arp_spacing_ms / 1000)
+            for _ in range(ident.arp_count):
+                await self._gratuitous_arp(self._claimed)
+                await asyncio.sleep(ident.arp_spacing_ms / 1000)
             if not confirmed:
                 confirmed = all(
                     [

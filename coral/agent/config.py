@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar, cast
 
 from coral.agent.keys import read_key
+from coral.dataplane.plane import RTO_MIN_MAX_MS
 from proxy.config import parse_hostport
 
 __all__ = [
@@ -65,6 +66,9 @@ class HostConfig:
     pin_dir: str = "/sys/fs/bpf/coral"
     state_dir: str = "/run/coral"
     conn_capacity: int = 65536
+    rto_min_ms: int | None = None
+    """Minimum RTO of service sockets; None: just above the takeover time
+    (AgentConfig.service_rto_min_ms)."""
 
 
 @dataclass(frozen=True)
@@ -152,6 +156,18 @@ class AgentConfig:
     notify: NotifyConfig
     services: tuple[ServiceConfig, ...]
 
+    @property
+    def service_rto_min_ms(self) -> int:
+        """The minimum RTO of service sockets: as configured, else the longest a
+        takeover can take after a host's last word (a lease, one interval of
+        detection and one of slack), so that the survivor's first resend of
+        what the dead host sent last is not suppressed yet already due; never
+        above the kernel's own 200 ms."""
+        if self.host.rto_min_ms is not None:
+            return self.host.rto_min_ms
+        hb = self.heartbeat
+        return min(RTO_MIN_MAX_MS, hb.interval_ms * (hb.misses + 2))
+
 
 # --- reading values -------------------------------------------------------------------------
 
@@ -166,6 +182,7 @@ _SCHEMA: dict[str, frozenset[str]] = {
             "pin_dir",
             "state_dir",
             "conn_capacity",
+            "rto_min_ms",
         }
     ),
     "peer": frozenset({"name", "lan_address", "private_address"}),
@@ -388,6 +405,7 @@ def _host(s: _Section) -> HostConfig:
         pin_dir=s.path("pin_dir", "/sys/fs/bpf/coral"),
         state_dir=s.path("state_dir", "/run/coral"),
         conn_capacity=s.integer("conn_capacity", 1, MAX_CONN_CAPACITY, 65536),
+        rto_min_ms=s.integer("rto_min_ms", 0, RTO_MIN_MAX_MS) if "rto_min_ms" in s.table else None,
     )
 
 
@@ -675,6 +693,8 @@ private_address = "{priv}"
 pin_dir = "/sys/fs/bpf/coral"    # where the data plane's maps are pinned (a bpffs directory)
 state_dir = "/run/coral"         # the control socket and runtime files
 conn_capacity = 65536            # replicated connections at once (1 to 4194304)
+# rto_min_ms = 100               # minimum RTO of service sockets (0 to 200; 0 = the kernel's
+                                 # 200 ms); default: interval_ms x (misses + 2), at most 200
 
 [peer]
 name = "{peer}"

@@ -61,11 +61,13 @@ other host's grant may last that long from now).
 Client, call order and ownership:
 
     client = WitnessClient((host, port), key, name)
+    await client.prepare()                            # optional: open the socket now
     grant = await client.request(epoch, duration_s)   # WitnessUnreachable if no valid reply
     await client.release(epoch)                       # best effort, never raises
     client.close()
 
-It owns one UDP socket, opened on first use on the calling loop. Server:
+It owns one UDP socket, opened by prepare() or on first use on the calling
+loop. Server:
 
     server = await WitnessServer.start((host, port), key, state_file)
     ...server.counters, server.state()...
@@ -384,6 +386,12 @@ class WitnessClient:
         self.counters["releases"] += 1
         if await self._exchange(Op.RELEASE, epoch, 0) is None:
             self.counters["unreachable"] += 1
+
+    async def prepare(self) -> None:
+        """Open the socket ahead of the first call, so that a takeover does not
+        pay for it. A failure is left for that call to report."""
+        with contextlib.suppress(OSError):
+            await self._open(asyncio.get_running_loop())
 
     def close(self) -> None:
         """Close the socket; a later call opens a new one."""

@@ -9,6 +9,7 @@ the control socket <host>.sock; router/witness.log.
 
 from __future__ import annotations
 
+import json
 import secrets
 import subprocess
 import sys
@@ -57,6 +58,15 @@ class LabPair:
 
     def log(self, host: str) -> Path:
         return self.agent_dir(host) / "agent.log"
+
+    def events_dir(self, host: str) -> Path:
+        """Where HOST's notify hook writes each event (one JSON file each)."""
+        return self.agent_dir(host) / "events"
+
+    def events(self, host: str) -> list[dict[str, Any]]:
+        """HOST's notify events so far, oldest first."""
+        files = sorted(self.events_dir(host).glob("*.json"))
+        return [json.loads(f.read_text()) for f in files if f.stat().st_size]
 
     def status(self, host: str) -> dict[str, Any]:
         reply = request(str(self.socket(host)), {"cmd": "status"})
@@ -155,6 +165,7 @@ def start(
                        "quickack", "1"])  # fmt: skip
         (lab.bpffs / host).mkdir(exist_ok=True)
         pair.agent_dir(host).mkdir(parents=True, exist_ok=True)
+        pair.events_dir(host).mkdir(exist_ok=True)
         pair.config(host).write_text(
             config_text(lab, host, key, interval_ms, misses, witness, services)
         )
@@ -212,6 +223,9 @@ def config_text(
         "[metrics]",
         'listen = ""',
         "",
+        "[notify]",  # each event in a file of its own, named by the time it came
+        f"command = {_toml(['sh', '-c', _EVENT_HOOK.format(dir=lab.dir / host / 'agent/events')])}",
+        "",
     ]
     for svc in services:
         lines += [
@@ -226,13 +240,17 @@ def config_text(
     return "\n".join(lines)
 
 
+_EVENT_HOOK = 'f={dir}/$(date +%s%N)-$$; cat > "$f.tmp" && mv "$f.tmp" "$f.json"'
+"""The lab's notify hook: the event's JSON (stdin) into a file, renamed when whole."""
+
+
 def _toml(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(_toml(v) for v in value) + "]"
     if isinstance(value, str):
-        return f'"{value}"'
+        return json.dumps(value)  # a TOML basic string: the same escapes
     return str(value)
 
 
