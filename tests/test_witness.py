@@ -135,17 +135,17 @@ RULES: list[tuple[str, str, int, float, bool, str | None, int]] = [
     ("primary", "request", 1, 5.0, G, "primary", 1),  # nobody holds it: granted
     ("primary", "request", 1, 5.0, G, "primary", 1),  # the holder renews
     ("backup", "request", 2, 5.0, R, "primary", 1),  # the other host: refused
-    ("primary", "request", 2, 5.0, R, "primary", 1),  # the holder, another epoch: refused
-    ("backup", "release", 1, 0, R, "primary", 1),  # not the holder: nothing released
-    ("primary", "release", 1, 0, R, None, 1),  # released: the pair is duplex again
-    ("backup", "request", 1, 5.0, R, None, 1),  # an epoch already granted: refused
-    ("backup", "request", 2, 0.3, G, "backup", 2),  # above every epoch granted
-    ("primary", "request", 3, 5.0, R, "backup", 2),  # refused while it lasts
+    ("primary", "request", 2, 5.0, G, "primary", 2),  # the holder moves to a higher epoch
+    ("backup", "release", 2, 0, R, "primary", 2),  # not the holder: nothing released
+    ("primary", "release", 2, 0, R, None, 2),  # released: the pair is duplex again
+    ("backup", "request", 2, 5.0, R, None, 2),  # an epoch already granted: refused
+    ("backup", "request", 3, 0.3, G, "backup", 3),  # above every epoch granted
+    ("primary", "request", 4, 5.0, R, "backup", 3),  # refused while it lasts
     ("", "expire", 0, 0, R, None, 0),
-    ("backup", "request", 2, 5.0, R, None, 2),  # an expired grant is not renewed
-    ("primary", "request", 2, 5.0, R, None, 2),  # an equal epoch: refused
-    ("primary", "request", 1, 5.0, R, None, 2),  # a lower one: refused
-    ("primary", "request", 3, 5.0, G, "primary", 3),  # a higher one: granted
+    ("backup", "request", 3, 5.0, R, None, 3),  # an expired grant is not renewed
+    ("primary", "request", 3, 5.0, R, None, 3),  # an equal epoch: refused
+    ("primary", "request", 1, 5.0, R, None, 3),  # a lower one: refused
+    ("primary", "request", 4, 5.0, G, "primary", 4),  # a higher one: granted
 ]
 
 
@@ -174,13 +174,13 @@ def test_grant_rules() -> None:
                     assert last.remaining_s == 0
             assert {k: v for k, v in server.counters.items() if v} == {
                 "requests": 11,
-                "granted": 3,
+                "granted": 4,
                 "renewed": 1,
-                "refused": 7,
+                "refused": 6,
                 "release_requests": 2,
                 "released": 1,
             }
-            assert hosts["primary"].counters["granted"] == 3
+            assert hosts["primary"].counters["granted"] == 4
             assert hosts["primary"].reachable is True
 
     run(main())

@@ -48,7 +48,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -59,12 +59,14 @@ from coral.agent.heartbeat import Beat, HeartbeatEndpoint
 from coral.agent.metrics import Metrics
 from coral.agent.statemachine import State, StateMachine
 from coral.agent.supervisor import Supervisor, raise_priority
-from coral.agent.witness import WitnessClient, WitnessUnreachable
+from coral.agent.witness import Grant, WitnessClient, WitnessUnreachable
 from coral.bpf.structs import Mode, Role
 from coral.dataplane import DataPlane, DataPlaneError, identity, settings
 
 log = logging.getLogger("coral.agent")
 T = TypeVar("T")
+WitnessAnswer = tuple[int, Grant, int]
+"""(epoch asked, the witness's answer, time.monotonic_ns() when it came)."""
 
 MARGIN_S = 0.002
 """Added to the peer's lease before serving alone: clock rates and scheduling."""
@@ -85,6 +87,8 @@ ALONE_LEASE_S = 2.0
 """While alone, the lease (and the witness's grant) runs this long, renewed every
 quarter of it: no peer waits to take over, and a busy machine (or witness)
 must not make the only serving host fence itself for a late reply."""
+NOTIFY_FLUSH_S = 2.0
+"""How long a stopping agent waits for the notify hook to hear its last events."""
 
 
 @dataclass
@@ -124,12 +128,16 @@ class Agent:
         self.supervisor = Supervisor(self._child_crashed)
         self.dp: DataPlane | None = None
         self.hb: HeartbeatEndpoint | None = None
+        self._announcer: identity.Announcer | None = None
         self.witness: WitnessClient | None = None
         self.witness_state: dict[str, Any] | None = None
         self.last_failover: dict[str, Any] | None = None
         self.failovers = 0
         self.exit_status = 0
         self._done = asyncio.Event()
+        self._events: asyncio.Queue[tuple[str, str]] = asyncio.Queue()
+        self._takeover_idle = asyncio.Event()
+        self._takeover_idle.set()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._renewing = False
         self._started_ns = time.monotonic_ns()
@@ -139,6 +147,11 @@ class Agent:
         self._peer_mac = bytes(6)
         self._forming = False
         self._admitting = False
+        self._early: asyncio.Task[WitnessAnswer | None] | None = None
+        """The request for the grant asked ahead (_ask_ahead), while it matters."""
+        self._asked_epoch = 0
+        """The highest epoch asked of the witness: a new request goes above it."""
+        self._granted_ahead = False
         self._peer_duplex = asyncio.Event()
         """Set by a heartbeat of the peer in DUPLEX: a re-integration waits for it."""
         self._renewed_ns = 0
@@ -169,6 +182,7 @@ class Agent:
             await self._start()
             self._spawn(self._tick_loop(), "tick")
             self._spawn(self._status_loop(), "status")
+            self._spawn(self._notifier(), "notifier")
             await self._done.wait()
         finally:
             await self._shutdown()
@@ -187,6 +201,7 @@ class Agent:
         )
         await self._netlink(self.dp.attach)
         self.dp.fence()
+        self._announcer = await self._netlink(identity.Announcer, None, cfg.host.lan_interface)
         self.epoch = max(self.dp.epoch(), 1)  # 0 means "no epoch" in a heartbeat
         for svc in cfg.services:
             _destroy_sockets(svc.vip, svc.port)
@@ -260,6 +275,9 @@ class Agent:
         self._done.set()
 
     async def _shutdown(self) -> None:
+        with contextlib.suppress(TimeoutError):  # the last events (failed, fenced) first
+            async with asyncio.timeout(NOTIFY_FLUSH_S):
+                await self._events.join()
         for task in list(self._tasks):
             task.cancel()
         for task in list(self._tasks):
@@ -273,6 +291,8 @@ class Agent:
             (Path(self.cfg.host.state_dir) / f"{self.name}.sock").unlink(missing_ok=True)
         if self.dp is not None:
             self.dp.close()
+        if self._announcer is not None:
+            self._announcer.close()
         self._nl.shutdown(wait=False)
 
     async def _netlink(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
@@ -301,10 +321,11 @@ class Agent:
                 s.sendto(b"", (ip, 9))  # prompts the kernel to resolve it
             await asyncio.sleep(0.02)
 
-    def _spawn(self, coro: Any, name: str) -> None:
+    def _spawn(self, coro: Coroutine[Any, Any, T], name: str) -> asyncio.Task[T]:
         task = asyncio.create_task(coro, name=name)
         self._tasks.add(task)
         task.add_done_callback(self._task_done)
+        return task
 
     def _task_done(self, task: asyncio.Task[Any]) -> None:
         self._tasks.discard(task)
@@ -397,6 +418,8 @@ class Agent:
                 self._lose(
                     f"no heartbeat acknowledging epoch {self.epoch} for {silent / 1e6:.0f} ms"
                 )
+            elif self.witness is not None:
+                self._ask_ahead(silent > lease_ns - round(self.interval * 1e9))
         elif state is State.SIMPLEX:
             self._renew_alone()
         elif state is State.JOINING and now - self._joining_since > JOIN_TIMEOUT_S * 1e9:
@@ -438,33 +461,92 @@ class Agent:
         self._lost_at_ns = time.monotonic_ns()
         self.sm.move(State.LOST, why)
         self.sm.want(State.SIMPLEX)
+        self._takeover_idle.clear()
         self._spawn(self._take_over(), "takeover")
-        # After the takeover's first step (its request to the witness): the
-        # hook's status snapshot reads every connection.
-        asyncio.get_running_loop().call_soon(self._notify, "peer-lost", why)
+        self._notify("peer-lost", why)
+
+    # ---- the witness's grant, asked one interval before the peer would be lost
+
+    def _next_epoch(self) -> int:
+        return max(self.epoch, self.peer.epoch, self._asked_epoch) + 1
+
+    async def _ask_witness(self, epoch: int) -> WitnessAnswer | None:
+        """The witness's answer for EPOCH and when it came; None if unreachable."""
+        assert self.witness is not None
+        self._asked_epoch = max(self._asked_epoch, epoch)
+        try:
+            grant = await self.witness.request(epoch, ALONE_LEASE_S)
+        except WitnessUnreachable:
+            self.witness_reachable = False
+            return None
+        self.witness_reachable = True
+        self.witness_state = {"holder": grant.holder, "epoch": grant.epoch}
+        return epoch, grant, time.monotonic_ns()
+
+    def _ask_ahead(self, peer_late: bool) -> None:
+        """DUPLEX: with the peer one interval from being lost, ask for the grant now,
+        so a takeover does not wait for the witness (its durable write takes
+        milliseconds); give the grant back once the peer is heard again. Safe:
+        holding the grant serves nothing; only the takeover, one lease after the
+        peer's last word, does."""
+        early = self._early
+        if peer_late and early is None:
+            self._early = self._spawn(self._ask_witness(self._next_epoch()), "ask-ahead")
+        elif not peer_late and early is not None and early.done():
+            self._early = None
+            answer = early.result()
+            if answer is not None and answer[1].granted:
+                assert self.witness is not None
+                self._spawn(self.witness.release(answer[0]), "release-ahead")
+
+    async def _grant_for_takeover(self) -> WitnessAnswer | None:
+        """The grant a takeover needs: the one asked ahead if it was granted, else a
+        request now. A refusal naming a holder is asked again once that holder's
+        grant would have run out: a holder that asked ahead and died a moment
+        later must not keep this host from serving (a live holder renews it)."""
+        early, self._early = self._early, None
+        answer = await early if early is not None else None
+        fresh = answer is not None and _grant_left_s(answer) > ALONE_LEASE_S / 2
+        self._granted_ahead = fresh and answer is not None and answer[1].granted
+        if not self._granted_ahead:
+            answer = await self._ask_witness(self._next_epoch())
+        if answer is not None and not answer[1].granted and answer[1].holder is not None:
+            await asyncio.sleep(answer[1].remaining_s + MARGIN_S)
+            self._asked_epoch = max(self._asked_epoch, answer[1].epoch)
+            answer = await self._ask_witness(self._next_epoch())
+        return answer
 
     async def _take_over(self) -> None:
-        """LOST -> TAKEOVER -> SIMPLEX, or FENCED when the right to serve alone is not certain."""
+        """LOST -> TAKEOVER -> SIMPLEX, or FENCED when the right to serve alone is not
+        certain; then, serving alone as primary, announce the VIPs."""
+        try:
+            await self._take_over_steps()
+        finally:
+            self._takeover_idle.set()
+        if self.sm.state is State.SIMPLEX and self._claimed:
+            await self._announce()
+
+    async def _take_over_steps(self) -> None:
         assert self.dp is not None
         detected = self._lost_at_ns
-        epoch = max(self.epoch, self.peer.epoch) + 1
+        lease_s = ALONE_LEASE_S
         if self.witness is not None:
-            try:
-                grant = await self.witness.request(epoch, ALONE_LEASE_S)
-                self.witness_reachable = True
-            except WitnessUnreachable:
-                self.witness_reachable = False
+            answer = await self._grant_for_takeover()
+            if answer is None:
                 self._fence("the witness is unreachable: the right to serve alone is not certain")
                 return
-            self.witness_state = {"holder": grant.holder, "epoch": grant.epoch}
+            epoch, grant, _ = answer
             if not grant.granted:
                 self._fence(f"the witness granted epoch {grant.epoch} to {grant.holder}")
                 return
+            lease_s = _grant_left_s(answer)
         elif not await reach.any_reachable(self.cfg.identity.confirm_hosts):
             self._fence("no outside host reachable: this host is the isolated one")
             return
+        else:
+            epoch = self._next_epoch()
         self.epoch = epoch
-        self.dp.renew_lease(epoch, ALONE_LEASE_S)
+        self.dp.renew_lease(epoch, lease_s)
         self._renewed_ns = time.monotonic_ns()
         granted = time.monotonic_ns()
         if self.sm.state is not State.LOST:
@@ -480,7 +562,7 @@ class Agent:
         self._claimed = [s.vip for s in self.cfg.services if self.roles[s.vip, s.port] == "primary"]
         for vip in self._claimed:
             await self._netlink(self.dp.claim_vip, vip)
-        await self._gratuitous_arp(self._claimed)
+        self._gratuitous_arp(self._claimed)
         claimed = time.monotonic_ns()
         for svc in self.cfg.services:
             self.dp.set_mode(svc.vip, svc.port, Mode.SIMPLEX)
@@ -494,6 +576,7 @@ class Agent:
             "why": f"{self.peer.name} lost",
             "total_ms": (pinned - last_ack) / 1e6,
             "grant_ms": (granted - detected) / 1e6,
+            "granted_ahead": self._granted_ahead,
             "phases_ms": {
                 "detection": (detected - last_ack) / 1e6,
                 "fencing_wait": (waited - detected) / 1e6,
@@ -503,8 +586,6 @@ class Agent:
         }
         self.sm.move(State.SIMPLEX, f"{self.peer.name}'s lease has run out; serving alone")
         self._notify("simplex", f"serving alone after {self.last_failover['total_ms']:.1f} ms")
-        if self._claimed:
-            await self._announce()
 
     # ---- re-integration (CoRAL 4.4.5): the host serving alone stays the primary of
     # every service; the returning host becomes the backup and takes the VIPs.
@@ -607,7 +688,7 @@ class Agent:
                     peer_settings=self.peer.settings,
                 )
             vips = sorted({svc.vip for svc in self.cfg.services})
-            await self._gratuitous_arp(vips)  # the first announcement; the rest below
+            self._gratuitous_arp(vips)  # the first announcement; the rest below
         except DataPlaneError as e:
             self._fence(f"joining {self.peer.name} failed: {e}")
             return
@@ -618,7 +699,7 @@ class Agent:
         self._notify("duplex", f"joined {self.peer.name}")
         for _ in range(self.cfg.identity.arp_count - 1):
             await asyncio.sleep(self.cfg.identity.arp_spacing_ms / 1000)
-            await self._gratuitous_arp(vips)
+            self._gratuitous_arp(vips)
 
     # ---- planned switch-over
 
@@ -656,12 +737,11 @@ class Agent:
                 self._info[key] = value
         self._info_bytes = _compact(self._info)
 
-    async def _gratuitous_arp(self, vips: list[str]) -> None:
-        """One gratuitous ARP for each of VIPS."""
+    def _gratuitous_arp(self, vips: list[str]) -> None:
+        """One gratuitous ARP for each of VIPS (microseconds: an open packet socket)."""
+        assert self._announcer is not None
         for vip in vips:
-            await asyncio.to_thread(
-                identity.gratuitous_arp, None, vip, self.cfg.host.lan_interface, 1
-            )
+            self._announcer.announce(vip)
 
     async def _announce(self) -> None:
         """Gratuitous ARP for the claimed VIPs until an outside host answers through the
@@ -670,7 +750,7 @@ class Agent:
         confirmed = not ident.confirm_hosts
         while self.sm.state is State.SIMPLEX:
             for _ in range(ident.arp_count):
-                await self._gratuitous_arp(self._claimed)
+                self._gratuitous_arp(self._claimed)
                 await asyncio.sleep(ident.arp_spacing_ms / 1000)
             if not confirmed:
                 confirmed = all(
@@ -761,11 +841,22 @@ class Agent:
     # ---- telling others
 
     def _notify(self, event: str, why: str) -> None:
-        command = self.cfg.notify.command
-        if not command:
-            return
-        payload = json.dumps({"event": event, "why": why, "status": self.status()}).encode()
-        self._spawn(_run_hook(list(command), payload), f"notify-{event}")
+        """Queue EVENT for the notify hook (_notifier delivers it)."""
+        if self.cfg.notify.command:
+            self._events.put_nowait((event, why))
+
+    async def _notifier(self) -> None:
+        """Run the hook for each event, one at a time and in order, each with the
+        status when it runs. Never during a takeover: the status reads every
+        connection and the hook is a fork, both on the takeover's event loop."""
+        while True:
+            event, why = await self._events.get()
+            try:
+                await self._takeover_idle.wait()
+                payload = {"event": event, "why": why, "status": self.status()}
+                await _run_hook(list(self.cfg.notify.command), json.dumps(payload).encode())
+            finally:
+                self._events.task_done()
 
     async def _status_loop(self) -> None:
         refused, swept = 0, time.monotonic()
@@ -871,6 +962,12 @@ class Agent:
         with contextlib.suppress(OSError):
             await writer.drain()
         writer.close()
+
+
+def _grant_left_s(answer: WitnessAnswer) -> float:
+    """How long the grant of ANSWER lasts from now."""
+    _, grant, received_ns = answer
+    return grant.remaining_s - (time.monotonic_ns() - received_ns) / 1e9
 
 
 def _age(now: int, then: int) -> float | None:

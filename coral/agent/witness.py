@@ -10,8 +10,9 @@ lease (design brief, section 3, "Lease fencing").
 Rules, per pair (one witness can serve several pairs, told apart by name):
 
 - request(host, epoch, duration): if HOST holds an unexpired grant for EPOCH,
-  renew it (expiry = now + duration). Else, if no grant is unexpired and EPOCH
-  is above every epoch ever granted, grant it to HOST. Else refuse, telling
+  renew it (expiry = now + duration). Else, if no grant is unexpired (or HOST
+  holds it, under a lower epoch) and EPOCH is above every epoch ever granted,
+  grant it to HOST. Else refuse, telling
   the holder (None if no grant is unexpired), the highest epoch granted and
   how long the holder's grant has left.
 - release(host, epoch): if HOST holds EPOCH's unexpired grant, end it (the pair
@@ -620,7 +621,7 @@ class WitnessServer:
         deadline = now + duration_ms * 1_000_000
         if holder == host and epoch == st.epoch:
             outcome = "renewed"
-        elif holder is None and epoch > st.epoch:
+        elif holder in (None, host) and epoch > st.epoch:  # the holder may move up
             outcome = "granted"
         else:
             self.counters["refused"] += 1

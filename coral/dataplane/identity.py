@@ -113,20 +113,43 @@ def garp_frames(vip: str, mac: bytes) -> list[bytes]:
     return frames
 
 
+class Announcer:
+    """Gratuitous ARP on LAN_IF in NS through one packet socket kept open: closing a
+    packet socket waits for an RCU grace period (synchronize_net(); 20-30 ms on
+    the lab's machine), too long for a takeover to pay for each announcement.
+    Sending itself takes microseconds."""
+
+    def __init__(self, ns: str | None, lan_if: str) -> None:
+        self.mac = mac_of(ns, lan_if)
+
+        def make() -> socket.socket:
+            s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)  # send only: no receive hook
+            s.bind((lan_if, 0))
+            return s
+
+        self._sock = netns.call_in_netns(ns, make)
+
+    def announce(self, vip: str) -> None:
+        """One gratuitous ARP request and reply for VIP."""
+        for frame in garp_frames(vip, self.mac):
+            self._sock.send(frame)
+
+    def close(self) -> None:
+        self._sock.close()
+
+    def __enter__(self) -> Announcer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 def gratuitous_arp(
     ns: str | None, vip: str, lan_if: str, count: int = 3, spacing: float = 0.02
 ) -> None:
     """Announce VIP on LAN_IF COUNT times, SPACING seconds apart (raw frames, no arping)."""
-    mac = mac_of(ns, lan_if)
-    frames = garp_frames(vip, mac)
-
-    def send() -> None:
-        with socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ARP)) as s:
-            s.bind((lan_if, 0))
-            for i in range(count):
-                for f in frames:
-                    s.send(f)
-                if i + 1 < count:
-                    time.sleep(spacing)
-
-    netns.call_in_netns(ns, send)
+    with Announcer(ns, lan_if) as announcer:
+        for i in range(count):
+            announcer.announce(vip)
+            if i + 1 < count:
+                time.sleep(spacing)
