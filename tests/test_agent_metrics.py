@@ -77,12 +77,13 @@ def simplex() -> dict[str, Any]:
         "at": "2026-11-23T14:00:00Z",
         "why": "peer lost",
         "total_ms": 80.1,
+        "grant_ms": 0.6,
+        "granted_ahead": True,
         "phases_ms": {
             "detection": 60.0,
             "fencing_wait": 19.0,
-            "data_plane": 0.3,
-            "proxy": 0.5,
-            "identity": 0.3,
+            "identity": 0.5,
+            "data_plane": 0.6,
         },
     }
     s["transitions"] += [
@@ -240,7 +241,8 @@ def test_status_simplex() -> None:
     assert "ALERT: peer primary LOST (last heard 2.5 s ago)" in lines
     assert "host backup: SIMPLEX" in text
     assert "last failover: 2026-11-23T14:00:00Z, 80.1 ms in all: peer lost" in text
-    assert "detection 60.0 ms, fencing_wait 19.0 ms" in text
+    assert "detection 60.0 ms, fencing_wait 19.0 ms, identity 0.5 ms, data_plane 0.6 ms" in text
+    assert "the witness's grant held 0.6 ms after detection, asked ahead" in text
     assert "grant held by backup" in text
     assert "duplex -> lost after 15 min 0 s" in text
 

@@ -25,7 +25,7 @@ __all__ = ["FAILOVER_PHASES", "HEARTBEAT_RESULTS", "SERVICE_MODES", "Metrics"]
 AGENT_STATES: tuple[str, ...] = tuple(s.value for s in State)
 SERVICE_MODES: tuple[str, ...] = tuple(m.name.lower() for m in Mode)
 HEARTBEAT_RESULTS = ("sent", "received", "forged", "replayed", "garbled", "foreign")
-FAILOVER_PHASES = ("detection", "fencing_wait", "data_plane", "proxy", "identity", "total")
+FAILOVER_PHASES = ("detection", "fencing_wait", "identity", "data_plane", "total")
 
 
 def _number(value: object) -> float | None:
@@ -109,7 +109,7 @@ class _SnapshotCollector(Collector):
             phases = GaugeMetricFamily(
                 "coral_last_failover_seconds",
                 "Duration of each phase of the last failover (detection, fencing_wait, "
-                "data_plane, proxy, identity) and in total.",
+                "identity, data_plane) and in total.",
                 labels=["phase"],
             )
             times = {**_table(last.get("phases_ms")), "total": last.get("total_ms")}

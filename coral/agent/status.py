@@ -16,7 +16,7 @@ from typing import Any
 __all__ = ["WIDTH", "render"]
 
 WIDTH = 100
-PHASES = ("detection", "fencing_wait", "data_plane", "proxy", "identity")
+PHASES = ("detection", "fencing_wait", "identity", "data_plane")
 
 
 def _table(value: object) -> Mapping[str, Any]:
@@ -199,6 +199,10 @@ def _failover(status: Mapping[str, Any]) -> list[str]:
     parts = [f"{p} {_ms(phases[p])}" for p in names if p in phases]
     if parts:
         lines.append("  " + ", ".join(parts))
+    if "grant_ms" in last:
+        held = _ms(last.get("grant_ms"))
+        ahead = ", asked ahead" if last.get("granted_ahead") else ""
+        lines.append(f"  the witness's grant held {held} after detection{ahead}")
     return lines
 
 
