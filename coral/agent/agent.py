@@ -133,6 +133,8 @@ class Agent:
         self.witness_state: dict[str, Any] | None = None
         self.last_failover: dict[str, Any] | None = None
         self.failovers = 0
+        self.arp_unsent = 0
+        """Gratuitous ARP frames that could not be sent (logged each)."""
         self.exit_status = 0
         self._done = asyncio.Event()
         self._events: asyncio.Queue[tuple[str, str]] = asyncio.Queue()
@@ -645,8 +647,6 @@ class Agent:
                     Mode.DUPLEX,
                     peer_settings=self.peer.settings,
                 )
-            if self.witness is not None:
-                await self.witness.release(self.epoch)
         except (TimeoutError, DataPlaneError) as e:
             self._fence(f"re-integration of {self.peer.name} failed: {e or 'timeout'}")
             return
@@ -666,6 +666,8 @@ class Agent:
             },
         }
         self._notify("duplex", f"{self.peer.name} re-integrated")
+        if self.witness is not None:  # no longer renewed; giving it back is a courtesy
+            await self.witness.release(self.epoch)
 
     def _become_backup(self) -> None:
         if not self._admitting:
@@ -738,10 +740,20 @@ class Agent:
         self._info_bytes = _compact(self._info)
 
     def _gratuitous_arp(self, vips: list[str]) -> None:
-        """One gratuitous ARP for each of VIPS (microseconds: an open packet socket)."""
-        assert self._announcer is not None
+        """One gratuitous ARP for each of VIPS (microseconds: an open packet socket).
+        A frame that does not leave is logged, never fatal: the announcement is
+        repeated, and ENOBUFS means this host's data plane dropped it (fenced, or
+        the lease ran out), which the log line shows."""
+        assert self._announcer is not None and self.dp is not None
         for vip in vips:
-            self._announcer.announce(vip)
+            try:
+                self._announcer.announce(vip)
+            except OSError as e:
+                self.arp_unsent += 1
+                log.warning(
+                    "%s: gratuitous ARP for %s not sent: %s (state %s, lease %.3f s left)",
+                    self.name, vip, e.strerror, self.sm.state, self.dp.lease_remaining_s(),
+                )  # fmt: skip
 
     async def _announce(self) -> None:
         """Gratuitous ARP for the claimed VIPs until an outside host answers through the
@@ -935,6 +947,7 @@ class Agent:
             "services": services,
             "last_failover": self.last_failover,
             "failovers": self.failovers,
+            "arp_unsent": self.arp_unsent,
             "last_reintegration": self.last_reintegration,
             "transitions": [t.as_dict() for t in self.sm.history],
         }
