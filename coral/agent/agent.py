@@ -137,6 +137,7 @@ class Agent:
         """Gratuitous ARP frames that could not be sent (logged each)."""
         self.exit_status = 0
         self._done = asyncio.Event()
+        self._started = False
         self._events: asyncio.Queue[tuple[str, str]] = asyncio.Queue()
         self._takeover_idle = asyncio.Event()
         self._takeover_idle.set()
@@ -182,6 +183,7 @@ class Agent:
             loop.add_signal_handler(sig, self._stop, f"signal {sig.name}")
         try:
             await self._start()
+            self._started = True
             self._spawn(self._tick_loop(), "tick")
             self._spawn(self._status_loop(), "status")
             self._spawn(self._notifier(), "notifier")
@@ -398,9 +400,12 @@ class Agent:
 
     def _beat(self) -> None:
         """Send a heartbeat now: every tick, and at once when the peer waits for what
-        it carries (a re-integration's steps), rather than up to an interval later."""
+        it carries (a re-integration's steps), rather than up to an interval later.
+        Not before start-up is done: a joiner that told its peer it is a backup
+        before its proxies listen would then stay silent until its first tick,
+        and the peer would lose it."""
         state = self.sm.state
-        if self.hb is not None and state is not State.FAILED:
+        if self._started and self.hb is not None and state is not State.FAILED:
             acked = self.peer.epoch if self.acking and self.peer.last_rx_ns else 0
             self.hb.send(self.epoch, acked, state, info=self._info_bytes)
 
