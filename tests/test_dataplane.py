@@ -13,6 +13,7 @@ import socket
 import struct
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -216,6 +217,35 @@ def test_set_mode_changes_only_the_mode_and_bad_input_is_refused(lab: Lab) -> No
             with pytest.raises(DataPlaneError, match=message):
                 call()
         assert dp.mode(SERVICE_VIP, SERVICE_PORT) is Mode.FENCED
+
+
+def test_lease_renewals_and_mode_switches_from_two_threads_lose_nothing(lab: Lab) -> None:
+    """The agent renews leases on its event loop while its netlink thread switches
+    modes: each of those reads an entry, changes it and writes it back, and
+    without the data plane's lock a renewal could write back the mode it read
+    before a switch (a new backup stayed fenced: the campaign's cycle 51)."""
+    with plane(lab, "backup") as dp:
+        add_backup_service(lab, dp)
+        dp.renew_lease(1, 30)
+        stop = threading.Event()
+
+        def renew() -> None:
+            while not stop.is_set():
+                dp.renew_lease(1, 30)
+
+        renewer = threading.Thread(target=renew)
+        renewer.start()
+        try:
+            for i in range(300):
+                mode = (Mode.SIMPLEX, Mode.FENCED)[i % 2]
+                dp.set_mode(SERVICE_VIP, SERVICE_PORT, mode)
+                service = dp.maps.services.get(ServiceKey.of(SERVICE_VIP, SERVICE_PORT))
+                vip = dp.maps.vips.get(VipKey.of(SERVICE_VIP))
+                assert service is not None and vip is not None
+                assert (service.mode, vip.mode) == (mode, mode), f"switch {i} lost"
+        finally:
+            stop.set()
+            renewer.join()
 
 
 def test_expired_lease_and_fencing_drop_a_real_client(lab: Lab) -> None:

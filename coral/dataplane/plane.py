@@ -36,7 +36,12 @@ Ownership and lifetime:
   through netlink, sysctls through /proc, sockets through sock_diag.
 - ns None means the caller's own network namespace (a production agent);
   tests pass a lab host's namespace, which must exist.
-- Not thread-safe: one thread (the agent's) drives a DataPlane.
+- The service and VIP entries are read, changed and written back whole
+  (lease renewals, mode switches, configuration); those steps hold one lock,
+  so two threads may drive a DataPlane (the agent renews leases on its event
+  loop while its netlink thread switches modes: without the lock a renewal
+  that read an entry before a mode switch wrote it back with the old mode,
+  and a new backup stayed fenced). Connection entries are the programs'.
 """
 
 from __future__ import annotations
@@ -47,6 +52,7 @@ import ipaddress
 import math
 import os
 import socket
+import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -377,6 +383,8 @@ class DataPlane(PlaneView):
         self.lan_if = lan_if
         self.pin_dir = pin_dir
         self.rto_min_ms = rto_min_ms
+        self._entries = threading.Lock()
+        """Held while a service or VIP entry is read, changed and written back."""
 
     @classmethod
     def open(
@@ -482,29 +490,36 @@ class DataPlane(PlaneView):
         role = _member(Role, role, "role")
         peer = ip4(_ipv4(peer_ip, "peer address"))
         pmac = _mac(peer_mac)
-        old = self.maps.services.get(key)
-        mode = Mode.FENCED
-        if old is not None and (old.role, old.peer_ip, bytes(old.peer_mac)) == (role, peer, pmac):
-            mode = _mode_of(old.mode)  # an agent re-applying its configuration
-        epoch, expiry = self._lease()
-        state = ServiceState(
-            lease_expiry_ns=expiry,
-            epoch=epoch,
-            peer_ip=peer,
-            own_mac=Mac(*identity.mac_of(self.ns, self.lan_if)),
-            peer_mac=Mac(*pmac),
-            mode=mode,
-            role=role,
-        )
-        self.maps.services.put(key, state)
-        self._sync_vip(vip)
+        own_mac = Mac(*identity.mac_of(self.ns, self.lan_if))
+        with self._entries:
+            old = self.maps.services.get(key)
+            mode = Mode.FENCED
+            if old is not None and (old.role, old.peer_ip, bytes(old.peer_mac)) == (
+                role,
+                peer,
+                pmac,
+            ):
+                mode = _mode_of(old.mode)  # an agent re-applying its configuration
+            epoch, expiry = self._lease()
+            state = ServiceState(
+                lease_expiry_ns=expiry,
+                epoch=epoch,
+                peer_ip=peer,
+                own_mac=own_mac,
+                peer_mac=Mac(*pmac),
+                mode=mode,
+                role=role,
+            )
+            self.maps.services.put(key, state)
+            self._sync_vip(vip)
 
     def remove_service(self, vip: str, port: int) -> None:
         """Forget VIP:PORT (and the VIP's entry with its last service).
         Its connections' entries go with gc()."""
-        key, _ = self._service(vip, port)
-        self.maps.services.delete(key)
-        self._sync_vip(vip)
+        with self._entries:
+            key, _ = self._service(vip, port)
+            self.maps.services.delete(key)
+            self._sync_vip(vip)
 
     def set_mode(
         self,
@@ -522,11 +537,13 @@ class DataPlane(PlaneView):
         two hosts' TCP settings cannot replicate connections."""
         key, state = self._service(vip, port)
         mode = _member(Mode, mode, "mode")
-        if mode is Mode.DUPLEX:
+        if mode is Mode.DUPLEX:  # slow (reads settings): outside the lock
             self._check_duplex(vip, port, state, peer_settings)
-        state.mode = mode
-        self.maps.services.put(key, state, UpdateFlag.EXIST)
-        self._sync_vip(vip)
+        with self._entries:
+            key, state = self._service(vip, port)
+            state.mode = mode
+            self.maps.services.put(key, state, UpdateFlag.EXIST)
+            self._sync_vip(vip)
 
     def _check_duplex(
         self, vip: str, port: int, state: ServiceState, peer: settings.TcpSettings | None
@@ -541,7 +558,8 @@ class DataPlane(PlaneView):
 
     def _sync_vip(self, vip: str) -> None:
         """Give VIP's entry the liveliest mode of its services (it speaks
-        ARP while any of them is live), or remove it with its last one."""
+        ARP while any of them is live), or remove it with its last one.
+        With the entries' lock held."""
         key = VipKey.of(vip)
         modes = {s.mode for k, s in self.maps.services.items() if k.vip == key.vip}
         if not modes:
@@ -587,14 +605,15 @@ class DataPlane(PlaneView):
             self.maps.services,
             self.maps.vips,
         )
-        for table in tables:
-            for key, state in list(table.items()):
-                state.lease_expiry_ns = expiry
-                if epoch is not None:
-                    state.epoch = epoch
-                if mode is not None:
-                    state.mode = mode
-                table.map.update(key, state, UpdateFlag.EXIST)
+        with self._entries:
+            for table in tables:
+                for key, state in list(table.items()):
+                    state.lease_expiry_ns = expiry
+                    if epoch is not None:
+                        state.epoch = epoch
+                    if mode is not None:
+                        state.mode = mode
+                    table.map.update(key, state, UpdateFlag.EXIST)
 
     # ---- connections
 
