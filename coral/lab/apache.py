@@ -9,8 +9,10 @@ document root is world-traversable.
 
 from __future__ import annotations
 
+import http.client
 import os
 import subprocess
+import time
 from pathlib import Path
 
 from coral import content, netns
@@ -147,3 +149,31 @@ def error_log_tail(conf: Path, lines: int = 20) -> str:
         if f.exists():
             out.extend(f.read_text(errors="replace").splitlines()[-lines:])
     return "\n".join(out)
+
+
+def wait_cgi(port: int, timeout: float) -> bool:
+    """Until a GET and a POST CGI answer 200 on 127.0.0.1:PORT (in the calling
+    thread's namespace), or TIMEOUT seconds. Apache listens before its CGI
+    daemon (mod_cgid) is ready: the first CGI requests after a start could
+    get 500 ("End of script output before headers") or 503."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            for method, url, body in (
+                ("GET", "/cgi-bin/random?n=1", None),
+                ("POST", "/cgi-bin/echo", b"ready"),
+            ):
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+                try:
+                    conn.request(method, url, body=body)
+                    reply = conn.getresponse()
+                    reply.read()
+                finally:
+                    conn.close()
+                if reply.status != 200:
+                    raise ConnectionError(f"{method} {url}: {reply.status}")
+            return True
+        except (OSError, http.client.HTTPException):
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.02)

@@ -179,6 +179,11 @@ class Lab:
                     f"Apache on {host} did not listen on {ip}:{APACHE_PORT} within "
                     f"{APACHE_START_TIMEOUT:.0f} s; its log says:\n{apache.error_log_tail(conf)}"
                 )
+        if not netns.call_in_netns(ns, lambda: apache.wait_cgi(APACHE_PORT, APACHE_START_TIMEOUT)):
+            raise LabError(
+                f"Apache on {host} listens but its CGIs fail after {APACHE_START_TIMEOUT:.0f} s; "
+                f"its log says:\n{apache.error_log_tail(conf)}"
+            )
 
     def restart_apache(self, host: str) -> None:
         """Start HOST's Apache again (after a kill crash or stop_apache)."""
