@@ -110,7 +110,8 @@ class HostCpu:
     Each host gets a cgroup (v2) that its processes are moved into (adopt())
     and their children inherit: a cgroup's usage keeps the time of processes
     that are gone, which per-process times lose when nobody waits for them
-    (Apache's cgid ignores SIGCHLD, so its CGIs' time would be missing).
+    (the benchmarks' runs used Apache's cgid, which ignores SIGCHLD, so its CGIs' time
+    would be missing).
     Where no cgroup v2 hierarchy is writable, the per-process times of the
     processes alive at each sample stand in (with their waited-for children).
     Call close() once the lab's processes are gone (a benchmark killed with
