@@ -438,9 +438,9 @@ class Agent:
         if self.peer.settings is None or self._forming:
             return  # its settings come with its next heartbeat; or already under way
         self._forming = True
-        self._spawn(self._go_duplex(self.peer.settings), "duplex")
+        self._spawn(self._go_duplex(), "duplex")
 
-    async def _go_duplex(self, peer_settings: settings.TcpSettings) -> None:
+    async def _go_duplex(self) -> None:
         assert self.dp is not None
         try:
             if self._peer_mac == bytes(6):  # the peer was down when this host started
@@ -450,9 +450,7 @@ class Agent:
                 for svc in self.cfg.services:
                     await self._netlink(self._configure, svc)
             for svc in self.cfg.services:
-                await self._netlink(
-                    self.dp.set_mode, svc.vip, svc.port, Mode.DUPLEX, peer_settings=peer_settings
-                )
+                await self._set_duplex(svc)
         except DataPlaneError as e:
             self._fence(f"duplex refused: {e}")
             return
@@ -643,15 +641,8 @@ class Agent:
             async with asyncio.timeout(JOIN_TIMEOUT_S):
                 await self._peer_duplex.wait()
             joined = time.monotonic_ns()
-            assert self.peer.settings is not None
-            for svc in self.cfg.services:  # the settings check reads netlink
-                await self._netlink(
-                    self.dp.set_mode,
-                    svc.vip,
-                    svc.port,
-                    Mode.DUPLEX,
-                    peer_settings=self.peer.settings,
-                )
+            for svc in self.cfg.services:
+                await self._set_duplex(svc)
         except (TimeoutError, DataPlaneError) as e:
             self._fence(f"re-integration of {self.peer.name} failed: {e or 'timeout'}")
             return
@@ -674,6 +665,14 @@ class Agent:
         if self.witness is not None:  # no longer renewed; giving it back is a courtesy
             await self.witness.release(self.epoch)
 
+    async def _set_duplex(self, svc: ServiceConfig) -> None:
+        """SVC duplex, checked against the peer's TCP settings (on the netlink
+        thread: the check reads this host's settings)."""
+        assert self.dp is not None and self.peer.settings is not None
+        await self._netlink(
+            self.dp.set_mode, svc.vip, svc.port, Mode.DUPLEX, peer_settings=self.peer.settings
+        )
+
     def _become_backup(self) -> None:
         if not self._admitting:
             self._admitting = True
@@ -687,13 +686,7 @@ class Agent:
             for svc in self.cfg.services:
                 self.roles[svc.vip, svc.port] = "backup"
                 await self._netlink(self._configure, svc)
-                await self._netlink(
-                    self.dp.set_mode,
-                    svc.vip,
-                    svc.port,
-                    Mode.DUPLEX,
-                    peer_settings=self.peer.settings,
-                )
+                await self._set_duplex(svc)
             vips = sorted({svc.vip for svc in self.cfg.services})
             self._gratuitous_arp(vips)  # the first announcement; the rest below
         except DataPlaneError as e:
