@@ -9,6 +9,7 @@ namespace (setns affects only the calling thread), so no process is spawned.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import signal
@@ -123,8 +124,31 @@ def _wait_empty(ns: str, timeout: float) -> list[int]:
     return left
 
 
+def stop_all(ns: str) -> list[int]:
+    """SIGSTOP every process in NS, also those forked while it runs; return their PIDs.
+
+    One sweep is not enough: a process not stopped yet may fork, and its child
+    shows up only in the next listing. Sweeps repeat until one finds nothing new.
+    """
+    stopped: set[int] = set()
+    while new := [pid for pid in pids_in(ns) if pid not in stopped]:
+        for pid in new:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGSTOP)
+        stopped.update(new)
+    return sorted(stopped)
+
+
 def kill_now(ns: str, timeout: float = 3.0) -> None:
-    """SIGKILL every process in NS and return once they are gone (a crash, not a stop)."""
+    """Kill every process in NS at once and return once they are gone (a crash, not a stop).
+
+    Every process is stopped before any is killed: SIGKILL goes out one PID
+    at a time, and a process that ran on while another died would answer for
+    it, like a host that is half dead. Apache, for one, turns a CGI killed
+    before its worker into a 500 that the host's proxy, killed later still,
+    would relay to the client.
+    """
+    stop_all(ns)
     signal_all(ns, signal.SIGKILL)
     left = _wait_empty(ns, timeout)
     if left:

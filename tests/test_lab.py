@@ -6,6 +6,8 @@ import http.client
 import json
 import os
 import secrets
+import select
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -135,6 +137,43 @@ def test_kill_leaves_no_process_on_the_host(lab: Lab) -> None:
         lab.heal("spare")
     # the other hosts are untouched
     assert fetch(lab, "client1", SERVER_LAN_IPS["primary"], "/static/1k.bin")[0] == 200
+
+
+WATCHER = """
+import os, select, sys
+fd = os.pidfd_open(int(sys.argv[1]))
+print("ready", flush=True)
+select.select([fd], [], [])
+print("saw it die", flush=True)
+"""
+
+
+def test_kill_lets_no_process_see_another_die() -> None:
+    """A crash kills the host at once: no process of it runs on after another
+    died (a sequential SIGKILL sweep let Apache answer a killed CGI with a 500).
+    The watcher outlives its target in PID order, 200 processes further on."""
+    ns = f"coral-{fresh_name()}-kill"
+    netns.create(ns)
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        argv = netns.ns_argv(ns, ["sleep", "600"])
+        procs = [subprocess.Popen(argv) for _ in range(201)]
+        watch = [sys.executable, "-c", WATCHER, str(procs[0].pid)]
+        watcher = subprocess.Popen(netns.ns_argv(ns, watch), stdout=subprocess.PIPE)
+        procs.append(watcher)
+        assert watcher.stdout is not None
+        ready, _, _ = select.select([watcher.stdout], [], [], 10)
+        assert ready and watcher.stdout.readline() == b"ready\n", "the watcher never started"
+        netns.kill_now(ns)
+        for proc in procs:
+            assert proc.wait(timeout=5) == -signal.SIGKILL
+        assert watcher.stdout.read() == b"", "a process of the host saw another die"
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        netns.delete(ns)
 
 
 def test_bad_requests_get_clear_errors(lab: Lab) -> None:

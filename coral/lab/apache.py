@@ -8,10 +8,7 @@ document root is world-traversable.
 
 CGIs run through mod_cgi, not mod_cgid (Debian's choice for a threaded MPM):
 cgid's daemon answered a few CGI requests with 503 ("failed reading PID
-from cgi daemon") under the campaigns' load. Not solved: with either module
-about 2 CGI requests per 100 campaign cycles end in 500, the shell script
-dying early ("End of script output before headers"; once "sha256sum: write
-error"), always in the first 0.2 s of a cycle's load (docs/performance.md).
+from cgi daemon") under the campaigns' load.
 """
 
 from __future__ import annotations

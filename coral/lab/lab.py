@@ -245,7 +245,7 @@ class Lab:
             netns.kill_now(ns)
             self.pids.pop(host, None)
         elif mode == "freeze":
-            netns.signal_all(ns, signal.SIGSTOP)
+            netns.stop_all(ns)
         else:
             for peer_host, ifname in self.topo.links_of(host):
                 self.run(peer_host, ["ip", "link", "set", ifname, "down"])
