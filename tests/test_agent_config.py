@@ -314,6 +314,16 @@ INVALID: list[tuple[str, Callable[[str], str], str]] = [
         "[host] rto_min_ms: 250 is out of range (expected an integer from 0 to 200)",
     ),
     (
+        "rejoin_after_s negative",
+        _sub("rejoin_after_s = 0", "rejoin_after_s = -5"),
+        "[host] rejoin_after_s: -5 is out of range (expected an integer from 0 to 86400)",
+    ),
+    (
+        "rejoin_after_s a float",
+        _sub("rejoin_after_s = 0", "rejoin_after_s = 1.5"),
+        "[host] rejoin_after_s: must be an integer from 0 to 86400, not a float (1.5)",
+    ),
+    (
         "empty notify argv",
         _sub("command = []", 'command = ["/bin/hook", ""]'),
         "[notify] command: empty strings",

@@ -266,6 +266,12 @@ def test_status_fenced() -> None:
     text = render(s)
     check_width(text)
     assert text.splitlines()[0].startswith("ALERT: this host is FENCED")
+    hint = text.splitlines()[1]
+    assert hint == "  bring it back with `coral reintegrate` once the cause is fixed"
+    s["auto_rejoin"] = {"after_s": 5, "in_s": None}
+    assert "  it rejoins by itself 5 s after it hears backup serving alone" in render(s)
+    s["auto_rejoin"]["in_s"] = 2.5
+    assert render(s).splitlines()[1] == "  it rejoins backup by itself in 2.5 s"
     (row,) = [line for line in text.splitlines() if line.startswith("  198.18.0.100:80")]
     assert row.split()[:3] == ["198.18.0.100:80", "primary", "FENCED"]
 

@@ -13,20 +13,30 @@ from __future__ import annotations
 import json
 import socket
 import time
+from collections.abc import Iterator
 
 import pytest
 from httpwire import get, read_replies
-from test_agent import check_load, coral, start_load, wait_for, wait_replicating
+from test_agent import (
+    INTERVAL_MS,
+    MISSES,
+    check_load,
+    coral,
+    start_load,
+    wait_for,
+    wait_replicating,
+)
 from test_agent import pair as pair
 from test_proxy_pair import check
 
 from coral import netns
 from coral.agent.heartbeat import Beat, encode
 from coral.dataplane import open_view
+from coral.lab import Lab, agents
 from coral.lab.agents import HEARTBEAT_PORT, LabPair
 from coral.lab.lab import CRASH_MODES
 from coral.lab.pair import HOSTS, peer_of
-from coral.lab.topology import SERVER_LAN_IPS, SERVICE_PORT, SERVICE_VIP
+from coral.lab.topology import SERVER_LAN_IPS, SERVICE_PORT, SERVICE_VIP, fresh_name
 
 pytestmark = pytest.mark.root
 
@@ -118,3 +128,48 @@ def test_promote_round_trip_under_load(pair: LabPair) -> None:
         status = pair.reintegrate(other)
         assert status["host"] == target and status["services"][0]["role"] == "primary"
     check_load(runs, pair.lab)
+
+
+REJOIN_AFTER_S = 1
+
+
+@pytest.fixture
+def rejoining_pair() -> Iterator[LabPair]:
+    """A pair configured to rejoin by itself ([host] rejoin_after_s)."""
+    lab = Lab.up(fresh_name("rj"), clients=2)
+    try:
+        yield agents.start(
+            lab, interval_ms=INTERVAL_MS, misses=MISSES, rejoin_after_s=REJOIN_AFTER_S
+        )
+    finally:
+        lab.down()
+
+
+def test_a_thawed_host_rejoins_by_itself_when_configured(rejoining_pair: LabPair) -> None:
+    """With rejoin_after_s, nobody runs `coral reintegrate`: the frozen primary thaws,
+    finds its peer serving alone, fences itself, and rejoins as its backup once it
+    has heard it for rejoin_after_s; the load sees nothing. A host stepped down by
+    `coral promote` stays out (its operator is at work) and says how it comes back."""
+    pair = rejoining_pair
+    runs = start_load(pair, seconds=10)
+    wait_replicating(pair, 8)
+    frozen_pid = pair.status("primary")["pid"]
+    pair.lab.crash("primary", "freeze")
+    pair.wait("backup", {"simplex"}, 10)
+    pair.lab.heal("primary")
+    pair.wait_restarted("primary", frozen_pid, 20)
+    pair.wait("primary", {"duplex"}, 20)
+    status = pair.wait("backup", {"duplex"}, 20)
+    assert status["services"][0]["role"] == "primary", status["services"]
+    log = pair.log("primary").read_text()
+    assert f"served alone for {REJOIN_AFTER_S} s: rejoining" in log, log[-3000:]
+    check_load(runs, pair.lab)
+
+    promote = coral("promote", "--socket", str(pair.socket("primary")))
+    assert promote.returncode == 0, promote.stderr
+    stepped_down = pair.wait("backup", {"fenced"}, 10)
+    assert stepped_down["auto_rejoin"] is None, stepped_down
+    shown = coral("status", "--socket", str(pair.socket("backup"))).stdout
+    assert "bring it back with `coral reintegrate`" in shown, shown
+    status = pair.reintegrate("backup")
+    assert status["host"] == "primary" and status["services"][0]["role"] == "primary"

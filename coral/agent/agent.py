@@ -173,6 +173,10 @@ class Agent:
         makes the host that served alone the primary of every service."""
         self.last_reintegration: dict[str, Any] | None = None
         self._joining_since = 0
+        self._rejoin_by_itself = False
+        """Fenced for a cause that heals ([host] rejoin_after_s set): _rejoin_when_due."""
+        self._peer_alone_since = 0
+        """Since when every heartbeat of the peer says it serves alone (0: it does not)."""
 
     # ---- life
 
@@ -345,6 +349,10 @@ class Agent:
         peer.last_rx_ns = now
         peer.paths[path] = now
         peer.epoch, peer.state, peer.echo = beat.epoch, beat.state, (beat.sent_ns, now)
+        if beat.state != State.SIMPLEX:
+            self._peer_alone_since = 0
+        elif not self._peer_alone_since:
+            self._peer_alone_since = now
         if beat.state == State.DUPLEX:
             self._peer_duplex.set()
         if rtt is not None:
@@ -368,13 +376,13 @@ class Agent:
         elif state is State.SIMPLEX and beat.state == State.JOINING:
             self._admit()
         elif state is State.DUPLEX and info is not None and info.get("step_down") == self.name:
-            self._fence(f"{peer.name} is promoted: stepping down")
+            self._fence(f"{peer.name} is promoted: stepping down", rejoin=False)
             return
         elif state is State.JOINING and info is not None:
             if info.get("join") == "accepted":
                 self._become_backup()
             elif "refused" in info:
-                self._fence(f"{peer.name} refused the join: {info['refused']}")
+                self._fence(f"{peer.name} refused the join: {info['refused']}", rejoin=False)
                 return
         acked = beat.peer_epoch != 0 and beat.peer_epoch == self.epoch and beat.echo_ns != 0
         if acked:
@@ -431,6 +439,8 @@ class Agent:
             self._renew_alone()
         elif state is State.JOINING and now - self._joining_since > JOIN_TIMEOUT_S * 1e9:
             self._fence(f"{self.peer.name} did not accept the join in {JOIN_TIMEOUT_S:.0f} s")
+        elif state is State.FENCED:
+            self._rejoin_when_due(now)
 
     # ---- the pair
 
@@ -452,7 +462,7 @@ class Agent:
             for svc in self.cfg.services:
                 await self._set_duplex(svc)
         except DataPlaneError as e:
-            self._fence(f"duplex refused: {e}")
+            self._fence(f"duplex refused: {e}", rejoin=False)
             return
         finally:
             self._forming = False
@@ -599,7 +609,7 @@ class Agent:
         """This host starts while its peer serves alone: ask to join as its backup."""
         problem = _incompatible(self._info, self.peer.info)
         if problem:
-            self._fence(f"cannot join {self.peer.name}: {problem}")
+            self._fence(f"cannot join {self.peer.name}: {problem}", rejoin=False)
             return
         self._joining_since = time.monotonic_ns()
         self.sm.move(State.JOINING, f"{self.peer.name} serves alone (epoch {self.peer.epoch})")
@@ -716,7 +726,7 @@ class Agent:
         log.info("%s: promote: asking %s to step down", self.name, self.peer.name)
         return {"ok": True, "state": str(self.sm.state)}
 
-    def _restart_to_rejoin(self) -> dict[str, Any]:
+    def _restart_to_rejoin(self, why: str) -> dict[str, Any]:
         """A fenced host rejoins by starting afresh: the agent exits with
         REJOIN_EXIT; its service manager (systemd: Restart=always) starts it again,
         and it joins its peer as backup."""
@@ -726,8 +736,28 @@ class Agent:
                 "error": f"only a fenced agent rejoins; this one is {self.sm.state}",
             }
         self.exit_status = REJOIN_EXIT
-        asyncio.get_running_loop().call_soon(self._stop, "operator: reintegrate")
+        asyncio.get_running_loop().call_soon(self._stop, why)
         return {"ok": True, "state": "restarting"}
+
+    def _rejoin_due_ns(self) -> int | None:
+        """When this fenced host rejoins by itself (monotonic ns); None: not by itself,
+        or not yet known (its peer is not heard serving alone)."""
+        if not (self._rejoin_by_itself and self._peer_alone_since):
+            return None
+        return self._peer_alone_since + self.cfg.host.rejoin_after_s * 1_000_000_000
+
+    def _rejoin_when_due(self, now: int) -> None:
+        """[host] rejoin_after_s: a host fenced while its peer took over (it froze, lost
+        its links, lost a split brain) rejoins as its backup once it has heard the
+        peer serving alone that long, without waiting for `coral reintegrate`:
+        hearing it proves the paths between them are back."""
+        if now - self.peer.last_rx_ns > self.lease_s * 1e9:
+            self._peer_alone_since = 0  # heard no more: the wait starts again
+        due = self._rejoin_due_ns()
+        if due is not None and now >= due:
+            self._rejoin_by_itself = False
+            after = self.cfg.host.rejoin_after_s
+            self._restart_to_rejoin(f"{self.peer.name} served alone for {after} s: rejoining")
 
     def _set_info(self, **changes: Any) -> None:
         for key, value in changes.items():
@@ -823,12 +853,16 @@ class Agent:
         if self.dp is not None:
             self.dp.fence()
 
-    def _fence(self, why: str) -> None:
+    def _fence(self, why: str, rejoin: bool = True) -> None:
+        """Stop serving. REJOIN: the cause may heal by itself (not an operator's
+        order, a step-down or a refusal that would only repeat), so with [host]
+        rejoin_after_s set the host rejoins once its peer is heard serving alone."""
         if not self.sm.allowed(State.FENCED):
             return
         self._fence_dataplane()
         self.acking = False
         self.sm.move(State.FENCED, why)
+        self._rejoin_by_itself = rejoin and self.cfg.host.rejoin_after_s > 0
         self._notify("fenced", why)
 
     def _child_crashed(self, name: str, status: int) -> None:
@@ -947,7 +981,18 @@ class Agent:
             "failovers": self.failovers,
             "arp_unsent": self.arp_unsent,
             "last_reintegration": self.last_reintegration,
+            "auto_rejoin": self._auto_rejoin(now),
             "transitions": [t.as_dict() for t in self.sm.history],
+        }
+
+    def _auto_rejoin(self, now: int) -> dict[str, Any] | None:
+        """Whether and when this fenced host rejoins by itself (status)."""
+        if self.sm.state is not State.FENCED or not self._rejoin_by_itself:
+            return None
+        due = self._rejoin_due_ns()
+        return {
+            "after_s": self.cfg.host.rejoin_after_s,
+            "in_s": None if due is None else round(max(0, due - now) / 1e9, 1),
         }
 
     async def _on_control(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -959,12 +1004,12 @@ class Agent:
             if cmd == "status":
                 reply: dict[str, Any] = {"ok": True, "status": self.status()}
             elif cmd == "fence":
-                self._fence(f"operator: {request.get('why') or 'coral fence'}")
+                self._fence(f"operator: {request.get('why') or 'coral fence'}", rejoin=False)
                 reply = {"ok": True, "state": str(self.sm.state)}
             elif cmd == "promote":
                 reply = self._promote()
             elif cmd == "reintegrate":
-                reply = self._restart_to_rejoin()
+                reply = self._restart_to_rejoin("operator: reintegrate")
             else:
                 reply = {"ok": False, "error": f"unknown command {cmd!r}"}
         except (ValueError, TimeoutError, AttributeError) as e:

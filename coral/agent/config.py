@@ -43,6 +43,7 @@ __all__ = [
 Role = Literal["primary", "backup"]
 _MAKE_KEY = "make one: head -c 32 /dev/urandom | base64 > {0}; chmod 600 {0}"
 MAX_CONN_CAPACITY = 1 << 22
+MAX_REJOIN_AFTER_S = 86400
 NAME_RE = re.compile(r"[a-z0-9-]{1,32}")
 
 
@@ -69,6 +70,9 @@ class HostConfig:
     rto_min_ms: int | None = None
     """Minimum RTO of service sockets; None: just above the takeover time
     (AgentConfig.service_rto_min_ms)."""
+    rejoin_after_s: int = 0
+    """A host fenced while its peer serves alone rejoins by itself once it has heard
+    the peer serving alone this long; 0: only `coral reintegrate` brings it back."""
 
 
 @dataclass(frozen=True)
@@ -183,6 +187,7 @@ _SCHEMA: dict[str, frozenset[str]] = {
             "state_dir",
             "conn_capacity",
             "rto_min_ms",
+            "rejoin_after_s",
         }
     ),
     "peer": frozenset({"name", "lan_address", "private_address"}),
@@ -406,6 +411,7 @@ def _host(s: _Section) -> HostConfig:
         state_dir=s.path("state_dir", "/run/coral"),
         conn_capacity=s.integer("conn_capacity", 1, MAX_CONN_CAPACITY, 65536),
         rto_min_ms=s.integer("rto_min_ms", 0, RTO_MIN_MAX_MS) if "rto_min_ms" in s.table else None,
+        rejoin_after_s=s.integer("rejoin_after_s", 0, MAX_REJOIN_AFTER_S, 0),
     )
 
 
@@ -695,6 +701,9 @@ state_dir = "/run/coral"         # the control socket and runtime files
 conn_capacity = 65536            # replicated connections at once (1 to 4194304)
 # rto_min_ms = 100               # minimum RTO of service sockets (0 to 200; 0 = the kernel's
                                  # 200 ms); default: interval_ms x (misses + 2), at most 200
+rejoin_after_s = 0               # fenced while the peer serves alone (a thawed or reconnected
+                                 # host): rejoin as its backup after hearing it this long
+                                 # (0 to 86400; 0 = only by coral reintegrate)
 
 [peer]
 name = "{peer}"

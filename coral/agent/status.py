@@ -58,6 +58,16 @@ def _endpoint(svc: Mapping[str, Any]) -> str:
     return f"{svc.get('vip', '?')}:{svc.get('port', '?')}"
 
 
+def _rejoin_hint(auto: Mapping[str, Any], peer: str) -> str:
+    """How a fenced host comes back: by itself ([host] rejoin_after_s) or by order."""
+    if not auto:
+        return "bring it back with `coral reintegrate` once the cause is fixed"
+    left = _num(auto.get("in_s"))
+    if left is None:
+        return f"it rejoins by itself {auto.get('after_s')} s after it hears {peer} serving alone"
+    return f"it rejoins {peer} by itself in {left:.1f} s"
+
+
 def _alerts(status: Mapping[str, Any]) -> list[str]:
     """The lines that ask for action, worst first."""
     lines: list[str] = []
@@ -69,6 +79,7 @@ def _alerts(status: Mapping[str, Any]) -> list[str]:
         lines.append("ALERT: this host FAILED (a local component died): it serves nothing")
     elif state == "fenced":
         lines.append("ALERT: this host is FENCED: it serves nothing (it has no right to)")
+        lines.append("  " + _rejoin_hint(_table(status.get("auto_rejoin")), peer))
     for svc in services:
         if svc.get("mode") == "simplex":
             lines.append(f"ALERT: service {_endpoint(svc)} runs SIMPLEX (no redundancy)")

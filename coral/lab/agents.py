@@ -9,6 +9,7 @@ the control socket <host>.sock; router/witness.log.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import secrets
 import subprocess
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from coral import netns
+from coral.agent.agent import REJOIN_EXIT
 from coral.agent.cli import request, wait_state
 from coral.lab.lab import Lab
 from coral.lab.pair import HOSTS, LOG_PORT, peer_of
@@ -94,19 +96,27 @@ class LabPair:
         except OSError:
             pid = None  # killed with its host: the socket file is stale
             self.socket(host).unlink(missing_ok=True)
-        if pid is not None:  # a fenced agent restarts (coral reintegrate); it removes its socket
+        if pid is None:
+            self.start_agent(host)  # the host's boot
+        else:  # a fenced agent exits to rejoin (coral reintegrate); its manager restarts it
             self.wait(host, {"fenced"}, timeout)  # it may still be finding out
             reply = request(str(self.socket(host)), {"cmd": "reintegrate"})
             if not reply.get("ok"):
                 raise LabError(f"{host}'s agent refused to reintegrate: {reply.get('error')}")
-            deadline = time.monotonic() + timeout
-            while self.socket(host).exists():
-                if time.monotonic() > deadline:
-                    raise LabError(f"{host}'s old agent did not stop: {_tail(self.log(host))}")
-                time.sleep(0.02)
-        self.start_agent(host)
+            self.wait_restarted(host, pid, timeout)
         self.wait(host, {"duplex"}, timeout)
         return self.wait(peer_of(host), {"duplex"}, timeout)
+
+    def wait_restarted(self, host: str, old_pid: int, timeout: float) -> None:
+        """Until an agent other than OLD_PID answers on HOST's control socket."""
+        deadline = time.monotonic() + timeout
+        while True:
+            with contextlib.suppress(OSError):  # between the two: no socket, or a stale one
+                if self.status(host)["pid"] != old_pid:
+                    return
+            if time.monotonic() > deadline:
+                raise LabError(f"{host}'s agent did not restart: {_tail(self.log(host))}")
+            time.sleep(0.02)
 
     def wait_socket(self, host: str, timeout: float) -> None:
         """Until HOST's agent has started (its control socket exists)."""
@@ -117,8 +127,13 @@ class LabPair:
             time.sleep(0.02)
 
     def start_agent(self, host: str) -> None:
-        argv = [sys.executable, "-m", "coral", "agent", "run", str(self.config(host))]
-        _detached(self.lab, host, argv, self.log(host))
+        """HOST's agent under the lab's stand-in for systemd: started again whenever it
+        exits to rejoin (REJOIN_EXIT, as deploy/coral-agent.service does); a crash
+        of the host (any other exit, or the lab's kill) ends it."""
+        agent = [sys.executable, "-m", "coral", "agent", "run", str(self.config(host))]
+        manager = f'while "$@"; [ $? -eq {REJOIN_EXIT} ]; do :; done'
+        _detached(self.lab, host, ["sh", "-c", manager, "coral-agent-manager", *agent],
+                  self.log(host))  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -143,9 +158,10 @@ def start(
     misses: int = 3,
     witness: bool = True,
     services: tuple[LabService, ...] = (LabService(),),
+    rejoin_after_s: int = 0,
 ) -> LabPair:
     """Agents on primary and backup for SERVICES, the witness on the router;
-    returns once both agents run duplex."""
+    returns once both agents run duplex. REJOIN_AFTER_S: [host] rejoin_after_s."""
     pair = LabPair(lab, witness)
     key = lab.dir / "pair.key"
     if not key.exists():
@@ -167,7 +183,7 @@ def start(
         pair.agent_dir(host).mkdir(parents=True, exist_ok=True)
         pair.events_dir(host).mkdir(exist_ok=True)
         pair.config(host).write_text(
-            config_text(lab, host, key, interval_ms, misses, witness, services)
+            config_text(lab, host, key, interval_ms, misses, witness, services, rejoin_after_s)
         )
     # One after the other: loading the data plane (the BPF verifier) holds a CPU
     # in the kernel for a while, and on a non-preemptive kernel that can starve
@@ -188,6 +204,7 @@ def config_text(
     misses: int,
     witness: bool,
     services: tuple[LabService, ...],
+    rejoin_after_s: int = 0,
 ) -> str:
     """HOST's agent configuration in the lab (TOML)."""
     peer = peer_of(host)
@@ -204,6 +221,7 @@ def config_text(
         ),
         f'pin_dir = "{lab.bpffs / host}"',
         f'state_dir = "{lab.dir / host / "agent"}"',
+        f"rejoin_after_s = {rejoin_after_s}",
         "",
         "[peer]",
         f'name = "{peer}"',

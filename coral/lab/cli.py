@@ -28,6 +28,14 @@ def add_parser(sub: Any) -> None:
     )
     up.add_argument("--interval-ms", type=int, default=20, help="heartbeat interval (--pair)")
     up.add_argument("--misses", type=int, default=3, help="heartbeats missed = lost (--pair)")
+    up.add_argument(
+        "--rejoin-after-s",
+        type=int,
+        default=0,
+        metavar="S",
+        help="a fenced host rejoins by itself after hearing its peer serve alone this long "
+        "([host] rejoin_after_s; --pair; default 0: only by coral reintegrate)",
+    )
     up.set_defaults(func=_up)
 
     info = lab_sub.add_parser("info", help="hosts, addresses, service and URL paths")
@@ -85,7 +93,12 @@ def _up(args: argparse.Namespace) -> int:
         if args.pair:
             from coral.lab import agents
 
-            pair = agents.start(lab, interval_ms=args.interval_ms, misses=args.misses)
+            pair = agents.start(
+                lab,
+                interval_ms=args.interval_ms,
+                misses=args.misses,
+                rejoin_after_s=args.rejoin_after_s,
+            )
     except BaseException:
         lab.down()
         raise
