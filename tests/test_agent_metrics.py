@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import copy
 import socket
+import threading
 import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from coral.agent.cli import request
 from coral.agent.metrics import Metrics
 from coral.agent.status import WIDTH, render
 
@@ -307,3 +310,24 @@ def test_status_long_reason_fits() -> None:
     s = copy.deepcopy(DUPLEX)
     s["transitions"][0]["why"] = "x" * 300
     check_width(render(s))
+
+
+def test_control_request_to_a_stopping_agent_is_an_oserror(tmp_path: Path) -> None:
+    """An agent that stops closes requests unanswered: callers waiting for its
+    restart treat that like no agent (OSError), not like a garbled reply."""
+    path = str(tmp_path / "a.sock")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as server:
+        server.bind(path)
+        server.listen(1)
+        server.settimeout(5)
+
+        def close_unanswered() -> None:
+            conn, _ = server.accept()
+            conn.recv(1024)
+            conn.close()
+
+        stopping = threading.Thread(target=close_unanswered)
+        stopping.start()
+        with pytest.raises(ConnectionError, match="closed the connection without answering"):
+            request(path, {"cmd": "status"})
+        stopping.join(5)

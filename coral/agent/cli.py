@@ -110,6 +110,8 @@ def request(path: str, message: dict[str, Any]) -> dict[str, Any]:
         data = b""
         while chunk := s.recv(65536):
             data += chunk
+    if not data:  # an agent that is stopping closes what it has not answered
+        raise ConnectionError(f"the agent at {path} closed the connection without answering")
     reply: dict[str, Any] = json.loads(data)
     return reply
 
