@@ -81,6 +81,8 @@ RESULTS = Path(__file__).resolve().parents[1] / "bench" / "results"
 REPLICATE_TIMEOUT_S = 15.0
 TAKEOVER_TIMEOUT_S = 10.0
 REINTEGRATE_TIMEOUT_S = 30.0
+SLOW_REINTEGRATION_MS = 100.0
+"""A re-integration above this prints its phases (the target is 50 ms)."""
 RESULT_SLACK_S = 30.0
 """A load run's report is due this long after its --duration."""
 MIN_LOAD_AFTER_S = 1.0
@@ -487,6 +489,10 @@ def cycle_line(rec: CycleRecord, total: int) -> str:
 def print_details(rec: CycleRecord) -> None:
     if rec.troubled:
         print("   times: " + ", ".join(f"{k} {v}" for k, v in rec.events.items()))
+    reint = rec.reintegration or {}
+    if reint.get("total_ms", 0) > SLOW_REINTEGRATION_MS:
+        phases = reint.get("phases_ms", {})
+        print("   slow re-integration: " + ", ".join(f"{k} {fmt(v)} ms" for k, v in phases.items()))
     for line in rec.unplanned:
         print(f"   !!! UNPLANNED {line}")
     for line in rec.problems:

@@ -220,7 +220,13 @@ class Agent:
         if cfg.witness is not None:
             self.witness = WitnessClient(cfg.witness.address, self.key, self.name)
             await self.witness.prepare()
-        self.hb.send(self.epoch, 0, self.sm.state)  # resolves the peer's MAC meanwhile
+        # Resolves the peer's MAC meanwhile. Always as STARTING: a heartbeat of the
+        # peer serving alone may have made this host JOINING during the awaits above,
+        # and a JOINING heartbeat now would be admitted while the proxies do not
+        # listen yet: the joiner would become backup (VIP, gratuitous ARP) and then
+        # stay silent until start-up is done, its peer waiting (~300 ms of clients
+        # stalled, 9 returns in 100 of a campaign).
+        self.hb.send(self.epoch, 0, State.STARTING)
         self._peer_mac = await self._neighbor_mac(PEER_MAC_TIMEOUT_S)
         for svc in cfg.services:
             await self._netlink(self._configure, svc)
