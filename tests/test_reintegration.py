@@ -54,6 +54,10 @@ def test_crash_and_reintegrate_under_load(pair: LabPair, victim: str, mode: str)
     assert pair.status(victim)["services"][0]["role"] == "backup"
     breakdown = status["last_reintegration"]
     assert breakdown is not None and breakdown["total_ms"] < 5000, breakdown
+    # It asked to join only once started (its proxies listening), not during start-up.
+    log = pair.log(victim).read_text()
+    started, asked = log.rfind(f"{victim}: started;"), log.rfind("starting -> joining")
+    assert 0 <= started < asked, log[-3000:]
     # The simplex era's connections finish; the clients' new ones are replicated.
     wait_for(
         lambda: pair.status(survivor)["services"][0]["connections"]["duplex"] >= 4,

@@ -220,13 +220,7 @@ class Agent:
         if cfg.witness is not None:
             self.witness = WitnessClient(cfg.witness.address, self.key, self.name)
             await self.witness.prepare()
-        # Resolves the peer's MAC meanwhile. Always as STARTING: a heartbeat of the
-        # peer serving alone may have made this host JOINING during the awaits above,
-        # and a JOINING heartbeat now would be admitted while the proxies do not
-        # listen yet: the joiner would become backup (VIP, gratuitous ARP) and then
-        # stay silent until start-up is done, its peer waiting (~300 ms of clients
-        # stalled, 9 returns in 100 of a campaign).
-        self.hb.send(self.epoch, 0, State.STARTING)
+        self.hb.send(self.epoch, 0, self.sm.state)  # resolves the peer's MAC meanwhile
         self._peer_mac = await self._neighbor_mac(PEER_MAC_TIMEOUT_S)
         for svc in cfg.services:
             await self._netlink(self._configure, svc)
@@ -371,7 +365,12 @@ class Agent:
             peer.lease_bound_ns = now
         state = self.sm.state
         if state is State.STARTING and beat.state == State.SIMPLEX:
-            self._join()
+            # Not before start-up is done (the next heartbeat will do): a host that
+            # asked while its proxies did not listen yet was admitted, became backup
+            # (VIP, gratuitous ARP) and then stayed silent until start-up ended, its
+            # peer waiting with clients stalled (~300 ms, 9 returns in 100 cycles).
+            if self._started:
+                self._join()
         elif (
             state in (State.DUPLEX, State.LOST)
             and beat.state in (State.TAKEOVER, State.SIMPLEX)
