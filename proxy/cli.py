@@ -64,6 +64,12 @@ def add_parser(sub: Any) -> None:
         action="store_true",
         help="deterministic content: also wait until the backup generated the body",
     )
+    r.add_argument(
+        "--mode-poll-interval",
+        type=float,
+        default=d.mode_poll_interval,
+        help="s between reads of the service's mode (also read at each replicated accept)",
+    )
     r.add_argument("--pause-at", choices=[str(p) for p in Phase], help="test hook")
     p.add_argument("--max-header-bytes", type=int, default=d.max_header_bytes, help="431 above")
     p.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes, help="413 above")
@@ -116,6 +122,7 @@ def _main(args: argparse.Namespace) -> int:
             log_peer=args.log_peer,
             log_local=args.log_local,
             max_buffered_reply=args.max_buffered_reply,
+            mode_poll_interval=args.mode_poll_interval,
             pause_at=args.pause_at,
             deterministic_prefixes=tuple(args.deterministic),
             sync_static=args.sync_static,

@@ -73,7 +73,8 @@ class ProxyConfig:
     moment before the proxy, and the backup must take over the request rather
     than the client get an error caused by the crash."""
     mode_poll_interval: float = 0.01
-    """How often a replicating proxy reads the service's mode (to notice it is alone)."""
+    """How often a replicating proxy reads the service's mode (to notice it is alone);
+    it also reads it whenever it accepts a replicated connection."""
     pause_at: str | None = None
     """Test hook: stop at this Phase of the first request reaching it (see proxy.replication)."""
 

@@ -5,9 +5,10 @@ Both hosts run the same proxy on the service address. The data plane decides
 who is who: this host's role for the service (cfg.listen) is read from its
 coral_services entry at start, the connection's identity (client address,
 port, initial sequence number) from coral_conns, and whether the pair still
-stands from the service's mode, polled every cfg.mode_poll_interval. The
-agent (or the lab's Pair) writes that mode; once it is no longer duplex this
-proxy is alone and stays so (re-integration starts a new pair).
+stands from the service's mode, polled every cfg.mode_poll_interval and read
+again whenever a replicated connection is accepted. The agent (or the lab's
+Pair) writes that mode; once it is no longer duplex this proxy is alone and
+stays so (re-integration starts a new pair).
 
 The primary logs every reply and every close before the client sees it
 (PrimaryChannel, on its own thread: proxy/logchannel.py). If the channel
@@ -116,6 +117,8 @@ class Replication:
         self._listener: LogListener | None = None
         self._mailboxes: dict[ConnId, asyncio.Queue[Delivery]] = {}
         self._paused = False
+        self._mode = Mode.FENCED
+        """The service's mode when last read."""
 
     async def start(self) -> None:
         """Read this host's role and mode; start the channel's side of the role."""
@@ -130,7 +133,7 @@ class Replication:
             raise ReplicationError(f"cannot replicate {vip}:{port}: {e}") from None
         if service.role is None:
             raise ReplicationError(f"service {vip}:{port} has no role in the data plane")
-        self.role = service.role
+        self.role, self._mode = service.role, service.mode
         if service.mode is Mode.SIMPLEX:
             self.era.alone.set()  # FENCED is not alone: the host may not serve at all yet
         self._thread = ChannelThread()
@@ -141,9 +144,7 @@ class Replication:
         self._remote.append(
             asyncio.run_coroutine_threadsafe(self._serve_channels(loop), self._thread.loop)
         )
-        self._tasks.append(
-            asyncio.create_task(self._watch_mode(service.mode), name="replication-mode")
-        )
+        self._tasks.append(asyncio.create_task(self._watch_mode(), name="replication-mode"))
         if self.role is Role.PRIMARY and service.mode is Mode.DUPLEX:
             self._start_connector()
 
@@ -169,11 +170,18 @@ class Replication:
     # ---- what every connection asks
 
     def conn_id(self, sock: socket.socket) -> ConnId | None:
-        """SOCK's connection as both hosts name it; None if this host serves it alone."""
+        """SOCK's connection as both hosts name it; None if this host serves it alone.
+
+        A replicated connection belongs to the pair standing now, so the mode is
+        read at once rather than at the next poll: a re-integration may have
+        formed a new pair (this host in another role) a moment before the
+        client's SYN, and a connection taken into the ended era with the old
+        role would wait for a peer that never answers (its request timed out)."""
         assert self._view is not None
         conn = self._view.connection_of(sock)
         if conn is None or conn.mode is not Mode.DUPLEX:
             return None
+        self._follow_mode()
         return ConnId(conn.client_ip, conn.client_port, conn.client_isn)
 
     def mark_closing(self, sock: socket.socket) -> None:
@@ -299,26 +307,28 @@ class Replication:
 
     # ---- plumbing
 
-    async def _watch_mode(self, mode: Mode) -> None:
+    async def _watch_mode(self) -> None:
+        while True:
+            await asyncio.sleep(self.cfg.mode_poll_interval)
+            self._follow_mode()
+
+    def _follow_mode(self) -> None:
         """Follow the service's mode: SIMPLEX ends the current era (its connections
         are alone); DUPLEX after an ended era starts a new pair, with the role the
         data plane now gives this host (a re-integration makes the host that served
         alone the primary)."""
         assert self._view is not None
         vip, port = self.cfg.listen
-        while True:
-            await asyncio.sleep(self.cfg.mode_poll_interval)
-            previous = mode
-            try:
-                service = self._view.service(vip, port)
-            except DataPlaneError:
-                continue  # the service is being reconfigured, or gone: nothing to follow
-            mode = service.mode
-            if mode is Mode.SIMPLEX and not self.era.alone.is_set():
-                self.counters["takeovers"] += 1
-                self.era.alone.set()
-            elif mode is Mode.DUPLEX and previous is not Mode.DUPLEX:
-                self._new_pair(service.role)
+        try:
+            service = self._view.service(vip, port)
+        except DataPlaneError:
+            return  # the service is being reconfigured, or gone: nothing to follow
+        previous, self._mode = self._mode, service.mode
+        if self._mode is Mode.SIMPLEX and not self.era.alone.is_set():
+            self.counters["takeovers"] += 1
+            self.era.alone.set()
+        elif self._mode is Mode.DUPLEX and previous is not Mode.DUPLEX:
+            self._new_pair(service.role)
 
     def _new_pair(self, role: Role | None) -> None:
         if self.era.alone.is_set():

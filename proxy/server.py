@@ -223,9 +223,12 @@ class ClientConnection:
     async def run(self) -> None:
         try:
             if self.replication is not None:
-                self.conn = self.replication.conn_id(self.writer.get_extra_info("socket"))
+                rep = self.replication
+                self.conn = rep.conn_id(self.writer.get_extra_info("socket"))
+                if self.conn is not None:  # of the pair standing now (conn_id caught up)
+                    self.era, self.role = rep.era, rep.role
                 backup = self.conn is not None and self.role is Role.BACKUP
-                if backup and await mirror(self, self.replication):
+                if backup and await mirror(self, rep):
                     return  # the primary closed the connection
             await self._serve()
         except (Diverged, RegeneratedMismatch) as e:

@@ -8,7 +8,7 @@ takeover steps in the agent's order: the failed host's lease is gone
 the VIP and announces it.
 
 Call order: Pair.up(lab) -> start(argv) for the service processes ->
-crash(host, mode) / take_over(survivor) -> close(). The lab owns the
+crash(host, mode) / take_over(survivor) -> rejoin(host) -> close(). The lab owns the
 namespaces; close() only releases this process's data-plane handles (the
 lab's removal takes the rest).
 """
@@ -104,19 +104,26 @@ class Pair:
         self.planes["primary"].hide_vip(self.vip)
         self.planes["backup"].claim_vip(self.vip)
         for host, role in (("primary", Role.PRIMARY), ("backup", Role.BACKUP)):
-            peer = peer_of(host)
-            peer_mac = identity.mac_of(self.lab.namespace(peer), LAN_IF)
-            plane = self.planes[host]
-            plane.add_service(self.vip, self.port, role, SERVER_LAN_IPS[peer], peer_mac)
-            plane.renew_lease(1, LEASE_S)
+            self._add_service(host, role)
         for host in HOSTS:
-            theirs = settings.read(self.lab.namespace(peer_of(host)), LAN_IF)
-            self.planes[host].set_mode(self.vip, self.port, Mode.DUPLEX, peer_settings=theirs)
+            self._set_duplex(host)
 
-    def start(self, argv: Callable[[str], list[str]]) -> None:
-        """Start the same service program on both hosts (ARGV(host) builds its command);
+    def _add_service(self, host: str, role: Role) -> None:
+        """HOST's service entry with ROLE, under a live lease (FENCED if that is new)."""
+        peer = peer_of(host)
+        peer_mac = identity.mac_of(self.lab.namespace(peer), LAN_IF)
+        plane = self.planes[host]
+        plane.add_service(self.vip, self.port, role, SERVER_LAN_IPS[peer], peer_mac)
+        plane.renew_lease(1, LEASE_S)
+
+    def _set_duplex(self, host: str) -> None:
+        theirs = settings.read(self.lab.namespace(peer_of(host)), LAN_IF)
+        self.planes[host].set_mode(self.vip, self.port, Mode.DUPLEX, peer_settings=theirs)
+
+    def start(self, argv: Callable[[str], list[str]], hosts: tuple[str, ...] = HOSTS) -> None:
+        """Start the same service program on HOSTS (ARGV(host) builds its command);
         its output goes to service.log in the host's lab directory."""
-        for host in HOSTS:
+        for host in hosts:
             with open(self.service_log(host), "ab") as log:
                 proc = self.lab.popen(host, argv(host), stdout=log, stderr=subprocess.STDOUT)
                 self.procs.append((host, proc))
@@ -125,9 +132,9 @@ class Pair:
         """The service program started last on HOST."""
         return next(proc for h, proc in reversed(self.procs) if h == host)
 
-    def start_proxies(self, *options: str) -> None:
-        """The replicating front proxy on both hosts (VIP:PORT -> the host's Apache),
-        with extra `coral proxy` OPTIONS; returns once both listen."""
+    def start_proxies(self, *options: str, hosts: tuple[str, ...] = HOSTS) -> None:
+        """The replicating front proxy on HOSTS (VIP:PORT -> the host's Apache), with
+        extra `coral proxy` OPTIONS; returns once they listen."""
         key = self.lab.dir / "log.key"
         if not key.exists():
             key.touch(mode=0o600)
@@ -143,8 +150,8 @@ class Pair:
                 *("--log-peer", f"{peer}:{LOG_PORT}", "--log-local", own, *options),
             ]
 
-        self.start(argv)
-        for host in HOSTS:
+        self.start(argv, hosts)
+        for host in hosts:
             if not netns.wait_tcp(self.lab.namespace(host), self.vip, self.port, 10):
                 raise LabError(f"the proxy on {host} did not start: see {self.service_log(host)}")
 
@@ -197,6 +204,21 @@ class Pair:
         # stands for that lapse, so the survivor never overlaps with it.
         self.planes[host].fence()
         self.take_over(peer_of(host))
+
+    def rejoin(self, host: str) -> None:
+        """HOST, fenced while its peer served alone, comes back as the peer's backup:
+        the agents' re-integration steps in their order. The host serving alone
+        becomes the primary and hides the VIP; HOST becomes the backup, claims the
+        VIP, goes duplex and announces it; then its peer goes duplex."""
+        survivor = peer_of(host)
+        self.planes[survivor].hide_vip(self.vip)
+        self._add_service(survivor, Role.PRIMARY)
+        self.planes[survivor].set_mode(self.vip, self.port, Mode.SIMPLEX)
+        self._add_service(host, Role.BACKUP)
+        self.planes[host].claim_vip(self.vip)
+        self._set_duplex(host)
+        self.planes[host].gratuitous_arp(self.vip, count=3, spacing=0.01)
+        self._set_duplex(survivor)
 
     def stop_services(self) -> None:
         """Stop every service program started (the data plane stays as it is)."""
