@@ -233,8 +233,8 @@ def test_a_connection_just_after_a_rejoin_takes_the_new_roles(pair: Pair, slow: 
     the mode only hourly, so only its read at accept tells it of the new pair.
     Before that read, a slow joiner took the connection as its primary: the real
     primary waited for its log acknowledgements and the client never got a reply
-    (seen in CI: 1 in about 50 re-integrations under load); a slow survivor served
-    the connection unreplicated."""
+    (seen once in CI, under load); a slow survivor served the connection
+    unreplicated."""
     pair.fail_over("primary")  # the backup serves alone
     pair.start_proxies("--mode-poll-interval", "3600", hosts=(slow,))
     pair.start_proxies(hosts=(peer_of(slow),))
